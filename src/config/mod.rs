@@ -1,0 +1,156 @@
+//! Configuration: the TOML file as written (`raw`), validated and compiled into [`Config`].
+//!
+//! Invariant: a `Config` value is always fully valid. Globs are compiled, token hashes decoded,
+//! secrets resolved and limits typed; nothing downstream re-validates. Loading is fallible and
+//! names the key path of the first problem; swapping a loaded config in is infallible.
+
+mod load;
+mod raw;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use globset::GlobSet;
+
+pub use load::{load, load_str, ConfigError};
+
+use crate::period::Period;
+use crate::pricing::Pricing;
+
+/// A secret value (a real API key). `Debug` never prints it and it is never serialized.
+#[derive(Clone)]
+pub struct Secret(Arc<str>);
+
+impl Secret {
+    pub fn new(value: impl Into<Arc<str>>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// SHA-256 of an internal token: the only form in which tokens are kept.
+pub type TokenHash = [u8; 32];
+
+#[derive(Debug)]
+pub struct Config {
+    /// The file this was loaded from (for messages and reload).
+    pub source: PathBuf,
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub upstream: UpstreamConfig,
+    pub pricing: Pricing,
+    pub reservation: ReservationConfig,
+    pub projects: Vec<Arc<Project>>,
+    /// Token hash -> (index into `projects`, index into that project's `credentials`).
+    pub tokens: HashMap<TokenHash, CredentialRef>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CredentialRef {
+    pub project: usize,
+    pub credential: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub max_body_bytes: u64,
+    pub tls: Option<TlsFiles>,
+    pub shutdown_grace: Duration,
+    pub header_read_timeout: Duration,
+    pub keepalive_idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_concurrent_streams: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// The env var named by `token_env`, resolved. `None` when `token_env` is unset: then the
+    /// `/admin/*` routes answer 403 (fail closed), while /metrics and the probes stay open.
+    pub token: Option<Secret>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Scheme, authority and optional path prefix (no trailing slash), e.g. `https://api.openai.com`.
+    pub base_url: http::Uri,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// How much an in-flight request reserves before it is forwarded.
+#[derive(Debug, Clone)]
+pub struct ReservationConfig {
+    /// Output tokens reserved when the request names no max output tokens.
+    pub default_output_tokens: u64,
+}
+
+#[derive(Debug)]
+pub struct Project {
+    pub name: Arc<str>,
+    pub api_key: Secret,
+    pub openai_project: Option<http::HeaderValue>,
+    pub openai_organization: Option<http::HeaderValue>,
+    pub models: ModelPolicy,
+    pub budget: Option<BudgetLimit>,
+    pub archived: bool,
+    pub credentials: Vec<Credential>,
+}
+
+#[derive(Debug)]
+pub struct Credential {
+    pub name: Arc<str>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub disabled: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BudgetLimit {
+    pub tokens: Option<u64>,
+    pub micro_usd: Option<u64>,
+    pub period: Period,
+}
+
+/// Allow and deny lists of model names (exact names and `*` globs).
+#[derive(Debug)]
+pub struct ModelPolicy {
+    /// `None`: no allowlist, every model not denied is allowed.
+    pub allowed: Option<GlobSet>,
+    pub denied: GlobSet,
+    /// The exact (glob-free) names on the allowlist: they are metric labels.
+    pub exact_allowed: Vec<Arc<str>>,
+}
+
+impl ModelPolicy {
+    pub fn allows(&self, model: &str) -> bool {
+        if self.denied.is_match(model) {
+            return false;
+        }
+        match &self.allowed {
+            Some(allowed) => allowed.is_match(model),
+            None => true,
+        }
+    }
+}

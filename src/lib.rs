@@ -1,0 +1,4 @@
+pub mod config;
+pub mod period;
+pub mod pricing;
+pub mod usage;
