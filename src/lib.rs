@@ -1,4 +1,106 @@
+//! tollgate: a reverse proxy in front of the OpenAI API that authenticates internal tokens,
+//! swaps in each project's real key, enforces model allowlists and budgets, and meters the
+//! usage every response reports. The request path is described step by step in [`proxy`].
+
+pub mod admin;
+pub mod auth;
+pub mod body;
+pub mod budget;
 pub mod config;
+pub mod error;
+pub mod inspect;
+pub mod metrics;
 pub mod period;
 pub mod pricing;
+pub mod projects;
+pub mod proxy;
+pub mod server;
+pub mod state;
+pub mod upstream;
 pub mod usage;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::state::AppState;
+
+/// The two listeners of a running tollgate.
+#[derive(Debug)]
+pub struct Listeners {
+    pub proxy: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses of `config`.
+    pub async fn bind(config: &config::Config) -> Result<Self, StartError> {
+        let proxy = TcpListener::bind(config.server.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.server.listen.to_string(),
+                source,
+            })?;
+        let admin = TcpListener::bind(config.admin.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.admin.listen.to_string(),
+                source,
+            })?;
+        Ok(Listeners { proxy, admin })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] server::TlsError),
+    #[error(transparent)]
+    Upstream(#[from] upstream::UpstreamError),
+}
+
+/// Serves the proxy and admin listeners until `shutdown` turns true, then stops accepting,
+/// lets in-flight requests finish (up to `server.shutdown_grace_ms`) and returns.
+pub async fn run(
+    state: Arc<AppState>,
+    listeners: Listeners,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), StartError> {
+    let (server, tls) = {
+        let live = state.live.load();
+        let server = live.config.server.clone();
+        let tls = match &server.tls {
+            Some(files) => Some(server::tls_acceptor(files)?),
+            None => None,
+        };
+        (server, tls)
+    };
+    let proxy_state = state.clone();
+    let proxy = server::serve(
+        listeners.proxy,
+        tls,
+        &server,
+        move |request| proxy::handle(proxy_state.clone(), request),
+        shutdown.clone(),
+    );
+    let admin_state = state.clone();
+    let admin = server::serve(
+        listeners.admin,
+        None,
+        &server,
+        move |request| admin::handle(admin_state.clone(), request),
+        shutdown,
+    );
+    state.ready.store(true, Ordering::Release);
+    tracing::info!("tollgate is ready");
+    tokio::join!(proxy, admin);
+    state.ready.store(false, Ordering::Release);
+    Ok(())
+}

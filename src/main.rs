@@ -1,1 +1,202 @@
-fn main() {}
+//! The `tollgate` command line: parse, set up logging, load the config (exit 1 with the error),
+//! and hand over to the library.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use rand::RngCore;
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+
+use tollgate::state::AppState;
+use tollgate::{auth, config, Listeners};
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "A budget-enforcing reverse proxy for the OpenAI API"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the proxy and admin listeners.
+    Serve {
+        #[arg(long, env = "TOLLGATE_CONFIG", default_value = "config/tollgate.toml")]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Validate a config and print a summary of it.
+    Check {
+        #[arg(long, env = "TOLLGATE_CONFIG", default_value = "config/tollgate.toml")]
+        config: PathBuf,
+    },
+    /// Make and hash internal tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a fresh random token and the config line with its hash.
+    New,
+    /// Read a token on stdin and print its SHA-256 hex.
+    Hash,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config, log_format } => serve(config, log_format),
+        Command::Check { config } => match config::load(&config) {
+            Ok(loaded) => {
+                out(&config::summary(&loaded));
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Token {
+            command: TokenCommand::New,
+        } => {
+            let mut bytes = [0u8; 24];
+            rand::rng().fill_bytes(&mut bytes);
+            let token = format!("tg-{}", hex::encode(bytes));
+            let hash = hex::encode(auth::hash_token(&token));
+            out(&format!("{token}\ntoken_sha256 = \"{hash}\"\n"));
+            ExitCode::SUCCESS
+        }
+        Command::Token {
+            command: TokenCommand::Hash,
+        } => {
+            let mut input = String::new();
+            if let Err(err) = std::io::stdin().read_to_string(&mut input) {
+                eprintln!("error: cannot read stdin: {err}");
+                return ExitCode::from(1);
+            }
+            let token = input.trim();
+            if token.is_empty() {
+                eprintln!("error: no token on stdin");
+                return ExitCode::from(1);
+            }
+            out(&format!("{}\n", hex::encode(auth::hash_token(token))));
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// The CLI's output, on stdout.
+fn out(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(text.as_bytes());
+    let _ = stdout.flush();
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
+    init_logging(log_format);
+    let loaded = match config::load(&path) {
+        Ok(loaded) => loaded,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        let listeners = match Listeners::bind(&loaded).await {
+            Ok(listeners) => listeners,
+            Err(err) => {
+                eprintln!("error: {err}");
+                return ExitCode::from(1);
+            }
+        };
+        tracing::info!(
+            proxy = %loaded.server.listen,
+            admin = %loaded.admin.listen,
+            projects = loaded.projects.len(),
+            "starting"
+        );
+        let state = match AppState::new(loaded) {
+            Ok(state) => state,
+            Err(err) => {
+                eprintln!("error: {err}");
+                return ExitCode::from(1);
+            }
+        };
+        let (stop, stopped) = watch::channel(false);
+        let signals = tokio::spawn(signals(state.clone(), stop));
+        let result = tollgate::run(state, listeners, stopped).await;
+        signals.abort();
+        match result {
+            Ok(()) => {
+                tracing::info!("stopped");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}
+
+/// SIGTERM and SIGINT stop the server gracefully; SIGHUP reloads the config.
+async fn signals(state: std::sync::Arc<AppState>, stop: watch::Sender<bool>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                if let Err(err) = tollgate::admin::reload_from_source(&state) {
+                    tracing::error!(error = %err, "config reload refused; keeping the running config");
+                }
+            }
+        }
+    }
+    tracing::info!("shutting down: draining in-flight requests");
+    let _ = stop.send(true);
+}

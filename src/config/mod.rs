@@ -6,6 +6,7 @@
 
 mod load;
 mod raw;
+mod summary;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -18,6 +19,7 @@ use chrono::{DateTime, Utc};
 use globset::GlobSet;
 
 pub use load::{load, load_str, ConfigError};
+pub use summary::{summary, summary_at};
 
 use crate::period::Period;
 use crate::pricing::Pricing;
@@ -94,6 +96,8 @@ pub struct AdminConfig {
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     /// Scheme, authority and optional path prefix (no trailing slash), e.g. `https://api.openai.com`.
+    /// Without a prefix the path is `/` (`http::Uri` has no empty path): join request paths to
+    /// `base_url.path().trim_end_matches('/')`.
     pub base_url: http::Uri,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
@@ -141,6 +145,11 @@ pub struct ModelPolicy {
     pub denied: GlobSet,
     /// The exact (glob-free) names on the allowlist: they are metric labels.
     pub exact_allowed: Vec<Arc<str>>,
+    /// `allowed_models` as written (`None`: no allowlist), for `tollgate check`: a `GlobSet`
+    /// cannot list its patterns.
+    pub allowed_patterns: Option<Vec<Arc<str>>>,
+    /// `denied_models` as written.
+    pub denied_patterns: Vec<Arc<str>>,
 }
 
 impl ModelPolicy {

@@ -1,0 +1,458 @@
+//! Budget accounts: spend per period, reservations and settlement. Pure: no I/O, no locks.
+//!
+//! Invariant: for every resource (tokens, micro-dollars) an account's `committed` counter equals
+//! its settled spend plus the reservations of the requests still in flight. A request is admitted
+//! only if `committed + estimate <= limit`, by a compare-and-swap, so concurrent admissions can
+//! never commit more than the limit between them. Spend can pass the limit only by what a
+//! request's real usage exceeds its own estimate (see README, "Budget guarantee").
+//!
+//! Each reservation keeps the period it was admitted in and settles there, so a request that
+//! straddles a period boundary is counted once, in the period that admitted it.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use chrono::{DateTime, Utc};
+
+use crate::config::BudgetLimit;
+use crate::period::Period;
+use crate::usage::Usage;
+
+/// A charge in both of the budget's units.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Charge {
+    pub tokens: u64,
+    pub micro_usd: u64,
+}
+
+/// The spend of one account in one period.
+#[derive(Debug)]
+pub struct PeriodSpend {
+    pub kind: Period,
+    pub start: i64,
+    pub end: Option<i64>,
+    /// Settled spend plus outstanding reservations.
+    committed_tokens: AtomicU64,
+    committed_micro_usd: AtomicU64,
+    /// Settled spend only.
+    spent_tokens: AtomicU64,
+    spent_micro_usd: AtomicU64,
+    input_tokens: AtomicU64,
+    cached_input_tokens: AtomicU64,
+    output_tokens: AtomicU64,
+    reasoning_tokens: AtomicU64,
+    requests: AtomicU64,
+}
+
+/// A consistent-enough read of a period's counters, for reports and gauges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpendSnapshot {
+    pub tokens: u64,
+    pub micro_usd: u64,
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub output_tokens: u64,
+    pub reasoning_tokens: u64,
+    pub requests: u64,
+    pub reserved_tokens: u64,
+    pub reserved_micro_usd: u64,
+}
+
+impl PeriodSpend {
+    fn new(kind: Period, now: DateTime<Utc>) -> Self {
+        let (start, end) = kind.bounds(now);
+        PeriodSpend {
+            kind,
+            start,
+            end,
+            committed_tokens: AtomicU64::new(0),
+            committed_micro_usd: AtomicU64::new(0),
+            spent_tokens: AtomicU64::new(0),
+            spent_micro_usd: AtomicU64::new(0),
+            input_tokens: AtomicU64::new(0),
+            cached_input_tokens: AtomicU64::new(0),
+            output_tokens: AtomicU64::new(0),
+            reasoning_tokens: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    fn holds(&self, kind: Period, now: i64) -> bool {
+        self.kind == kind && now >= self.start && self.end.is_none_or(|end| now < end)
+    }
+
+    pub fn snapshot(&self) -> SpendSnapshot {
+        // Relaxed throughout: each counter is exact on its own; a report may see a settle
+        // half-applied across counters, which is harmless for reading.
+        let tokens = self.spent_tokens.load(Ordering::Relaxed);
+        let micro_usd = self.spent_micro_usd.load(Ordering::Relaxed);
+        SpendSnapshot {
+            tokens,
+            micro_usd,
+            input_tokens: self.input_tokens.load(Ordering::Relaxed),
+            cached_input_tokens: self.cached_input_tokens.load(Ordering::Relaxed),
+            output_tokens: self.output_tokens.load(Ordering::Relaxed),
+            reasoning_tokens: self.reasoning_tokens.load(Ordering::Relaxed),
+            requests: self.requests.load(Ordering::Relaxed),
+            reserved_tokens: self
+                .committed_tokens
+                .load(Ordering::Relaxed)
+                .saturating_sub(tokens),
+            reserved_micro_usd: self
+                .committed_micro_usd
+                .load(Ordering::Relaxed)
+                .saturating_sub(micro_usd),
+        }
+    }
+
+    /// Adds spend that was settled elsewhere (a ledger loaded at start, another replica).
+    pub fn preload(&self, spent: &SpendSnapshot) {
+        for (counter, value) in [
+            (&self.committed_tokens, spent.tokens),
+            (&self.committed_micro_usd, spent.micro_usd),
+            (&self.spent_tokens, spent.tokens),
+            (&self.spent_micro_usd, spent.micro_usd),
+            (&self.input_tokens, spent.input_tokens),
+            (&self.cached_input_tokens, spent.cached_input_tokens),
+            (&self.output_tokens, spent.output_tokens),
+            (&self.reasoning_tokens, spent.reasoning_tokens),
+            (&self.requests, spent.requests),
+        ] {
+            counter.fetch_add(value, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Why a reservation was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exhausted {
+    Tokens { limit: u64 },
+    Usd { limit_micro_usd: u64 },
+}
+
+/// One budget account (a project's). Limits are not stored here: they come from the config
+/// snapshot of each request, so a reload changes limits without touching spend.
+#[derive(Debug)]
+pub struct Account {
+    current: ArcSwap<PeriodSpend>,
+    in_flight: AtomicI64,
+}
+
+impl Account {
+    pub fn new(kind: Period, now: DateTime<Utc>) -> Self {
+        Account {
+            current: ArcSwap::from_pointee(PeriodSpend::new(kind, now)),
+            in_flight: AtomicI64::new(0),
+        }
+    }
+
+    /// The period of `kind` that holds `now`, rolling the account over when the current one
+    /// has ended (or the kind changed on reload). Requests still in flight keep their own
+    /// `Arc` to the old period and settle there.
+    pub fn period(&self, kind: Period, now: DateTime<Utc>) -> Arc<PeriodSpend> {
+        let current = self.current.load_full();
+        if current.holds(kind, now.timestamp()) {
+            return current;
+        }
+        let fresh = Arc::new(PeriodSpend::new(kind, now));
+        // Only one racer installs its period; the others adopt the winner's.
+        let previous = self.current.compare_and_swap(&current, fresh.clone());
+        if Arc::ptr_eq(&previous, &current) {
+            fresh
+        } else {
+            let installed = self.current.load_full();
+            if installed.holds(kind, now.timestamp()) {
+                installed
+            } else {
+                // A racer installed a different kind (a concurrent reload); take ours anyway.
+                self.current.store(fresh.clone());
+                fresh
+            }
+        }
+    }
+
+    /// The current period without rolling it over (for reports).
+    pub fn current(&self) -> Arc<PeriodSpend> {
+        self.current.load_full()
+    }
+
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Reserves `estimate` against `limit` in the period that holds `now`.
+    pub fn reserve(
+        self: &Arc<Self>,
+        limit: Option<&BudgetLimit>,
+        estimate: Charge,
+        now: DateTime<Utc>,
+    ) -> Result<Reservation, Exhausted> {
+        let kind = limit.map_or(Period::Monthly, |l| l.period);
+        let period = self.period(kind, now);
+        let token_limit = limit.and_then(|l| l.tokens);
+        let usd_limit = limit.and_then(|l| l.micro_usd);
+        reserve_one(&period.committed_tokens, estimate.tokens, token_limit)
+            .map_err(|limit| Exhausted::Tokens { limit })?;
+        if let Err(limit_micro_usd) =
+            reserve_one(&period.committed_micro_usd, estimate.micro_usd, usd_limit)
+        {
+            // Give the tokens back; a concurrent admission may have been refused meanwhile,
+            // which errs on the safe side.
+            period
+                .committed_tokens
+                .fetch_sub(estimate.tokens, Ordering::AcqRel);
+            return Err(Exhausted::Usd { limit_micro_usd });
+        }
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Ok(Reservation {
+            account: self.clone(),
+            period,
+            estimate,
+            settled: false,
+        })
+    }
+}
+
+/// Adds `amount` to `committed` unless that would pass `limit`. Returns the limit on refusal.
+fn reserve_one(committed: &AtomicU64, amount: u64, limit: Option<u64>) -> Result<(), u64> {
+    let Some(limit) = limit else {
+        committed.fetch_add(amount, Ordering::AcqRel);
+        return Ok(());
+    };
+    // AcqRel on success: the admission decision must see every earlier commit and settle of
+    // this counter, and publish its own before any later admission decides.
+    committed
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+            let next = c.checked_add(amount)?;
+            (next <= limit && c < limit).then_some(next)
+        })
+        .map(|_| ())
+        .map_err(|_| limit)
+}
+
+/// An admitted request's hold on its account. Settle it with the real usage; if it is dropped
+/// unsettled (a panic, a cancelled task) the estimate is charged, never nothing.
+#[derive(Debug)]
+pub struct Reservation {
+    account: Arc<Account>,
+    period: Arc<PeriodSpend>,
+    estimate: Charge,
+    settled: bool,
+}
+
+impl Reservation {
+    pub fn estimate(&self) -> Charge {
+        self.estimate
+    }
+
+    pub fn period(&self) -> &Arc<PeriodSpend> {
+        &self.period
+    }
+
+    /// Replaces the reservation with the real charge.
+    pub fn settle(mut self, charge: Charge, usage: &Usage) {
+        self.apply(charge, usage);
+    }
+
+    fn apply(&mut self, charge: Charge, usage: &Usage) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        let p = &self.period;
+        // Spend first, then move `committed` by the difference: a reader that sees the new
+        // committed value also sees the spend (Release pairs with the Acquire in reserve).
+        p.spent_tokens.fetch_add(charge.tokens, Ordering::Relaxed);
+        p.spent_micro_usd
+            .fetch_add(charge.micro_usd, Ordering::Relaxed);
+        p.input_tokens
+            .fetch_add(usage.input_tokens, Ordering::Relaxed);
+        p.cached_input_tokens
+            .fetch_add(usage.cached_input_tokens, Ordering::Relaxed);
+        p.output_tokens
+            .fetch_add(usage.output_tokens, Ordering::Relaxed);
+        p.reasoning_tokens
+            .fetch_add(usage.reasoning_tokens, Ordering::Relaxed);
+        p.requests.fetch_add(1, Ordering::Relaxed);
+        adjust(&p.committed_tokens, self.estimate.tokens, charge.tokens);
+        adjust(
+            &p.committed_micro_usd,
+            self.estimate.micro_usd,
+            charge.micro_usd,
+        );
+        self.account.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.settled {
+            tracing::warn!("reservation dropped unsettled; charging its estimate");
+            let estimate = self.estimate;
+            self.apply(estimate, &Usage::default());
+        }
+    }
+}
+
+fn adjust(committed: &AtomicU64, reserved: u64, actual: u64) {
+    if actual >= reserved {
+        committed.fetch_add(actual - reserved, Ordering::AcqRel);
+    } else {
+        committed.fetch_sub(reserved - actual, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        "2026-11-26T12:00:00Z".parse().unwrap()
+    }
+
+    fn limit(tokens: u64) -> BudgetLimit {
+        BudgetLimit {
+            tokens: Some(tokens),
+            micro_usd: None,
+            period: Period::Monthly,
+        }
+    }
+
+    fn usage(input: u64, output: u64) -> Usage {
+        Usage {
+            input_tokens: input,
+            output_tokens: output,
+            ..Usage::default()
+        }
+    }
+
+    #[test]
+    fn admits_until_committed_would_pass_the_limit() {
+        let account = Arc::new(Account::new(Period::Monthly, now()));
+        let l = limit(100);
+        let est = Charge {
+            tokens: 40,
+            micro_usd: 0,
+        };
+        let a = account.reserve(Some(&l), est, now()).unwrap();
+        let b = account.reserve(Some(&l), est, now()).unwrap();
+        assert_eq!(
+            account.reserve(Some(&l), est, now()).unwrap_err(),
+            Exhausted::Tokens { limit: 100 }
+        );
+        a.settle(
+            Charge {
+                tokens: 10,
+                micro_usd: 0,
+            },
+            &usage(5, 5),
+        );
+        // 10 spent + 40 reserved: another 40 fits.
+        let c = account.reserve(Some(&l), est, now()).unwrap();
+        let snap = account.current().snapshot();
+        assert_eq!(snap.tokens, 10);
+        assert_eq!(snap.reserved_tokens, 80);
+        assert_eq!(account.in_flight(), 2);
+        drop(b);
+        c.settle(
+            Charge {
+                tokens: 40,
+                micro_usd: 0,
+            },
+            &usage(20, 20),
+        );
+        let snap = account.current().snapshot();
+        assert_eq!(
+            snap.tokens, 90,
+            "the dropped reservation is charged its estimate"
+        );
+        assert_eq!(snap.reserved_tokens, 0);
+        assert_eq!(snap.requests, 3);
+        assert_eq!(account.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_refused_usd_reservation_gives_its_tokens_back() {
+        let account = Arc::new(Account::new(Period::Monthly, now()));
+        let l = BudgetLimit {
+            tokens: Some(1000),
+            micro_usd: Some(5),
+            period: Period::Monthly,
+        };
+        let est = Charge {
+            tokens: 10,
+            micro_usd: 10,
+        };
+        assert_eq!(
+            account.reserve(Some(&l), est, now()).unwrap_err(),
+            Exhausted::Usd { limit_micro_usd: 5 }
+        );
+        assert_eq!(account.current().snapshot().reserved_tokens, 0);
+        assert_eq!(account.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_request_settles_in_the_period_that_admitted_it() {
+        let account = Arc::new(Account::new(Period::Daily, now()));
+        let l = BudgetLimit {
+            tokens: Some(100),
+            micro_usd: None,
+            period: Period::Daily,
+        };
+        let est = Charge {
+            tokens: 50,
+            micro_usd: 0,
+        };
+        let old = account.reserve(Some(&l), est, now()).unwrap();
+        let tomorrow: DateTime<Utc> = "2026-11-27T00:00:00Z".parse().unwrap();
+        let new = account.reserve(Some(&l), est, tomorrow).unwrap();
+        old.settle(
+            Charge {
+                tokens: 30,
+                micro_usd: 0,
+            },
+            &usage(10, 20),
+        );
+        new.settle(
+            Charge {
+                tokens: 7,
+                micro_usd: 0,
+            },
+            &usage(3, 4),
+        );
+        let current = account.current().snapshot();
+        assert_eq!(current.tokens, 7);
+        assert_eq!(current.reserved_tokens, 0);
+    }
+
+    #[test]
+    fn contended_reservations_never_commit_past_the_limit() {
+        let account = Arc::new(Account::new(Period::Monthly, now()));
+        let l = limit(1_000);
+        let admitted = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..1_000 {
+                        let est = Charge {
+                            tokens: 7,
+                            micro_usd: 0,
+                        };
+                        if let Ok(r) = account.reserve(Some(&l), est, now()) {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                            r.settle(est, &usage(3, 4));
+                        }
+                    }
+                });
+            }
+        });
+        let snap = account.current().snapshot();
+        assert!(snap.tokens <= 1_000);
+        assert_eq!(snap.tokens, admitted.load(Ordering::Relaxed) * 7);
+        assert_eq!(
+            snap.tokens, 994,
+            "the budget fills up to the last whole estimate"
+        );
+    }
+}

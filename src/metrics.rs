@@ -1,0 +1,382 @@
+//! Prometheus metrics. Histograms are prometheus handles resolved per project when the project
+//! first appears; counters and gauges are read from the projects' own atomics at scrape time,
+//! so the request path never formats a label or takes a registry lock.
+//!
+//! Invariant: label values are bounded: projects come from the config, models are a pricing
+//! entry or an exact allowlist name or `other`, codes are HTTP statuses, reasons are the fixed
+//! set of `ProxyError::reason`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+
+use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, Registry, TextEncoder};
+
+use crate::projects::ProjectState;
+use crate::state::Live;
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    duration: HistogramVec,
+    first_byte: HistogramVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_request_duration_seconds",
+                "Time from a request's arrival to the end of its response body.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["project"],
+        );
+        let first_byte = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_upstream_first_byte_seconds",
+                "Time from forwarding a request to the upstream's response headers.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["project"],
+        );
+        // The options above are static and valid; registration of fresh names cannot clash.
+        let (duration, first_byte) = match (duration, first_byte) {
+            (Ok(d), Ok(f)) => (d, f),
+            _ => unreachable_metrics(),
+        };
+        let _ = registry.register(Box::new(duration.clone()));
+        let _ = registry.register(Box::new(first_byte.clone()));
+        Metrics {
+            registry,
+            duration,
+            first_byte,
+        }
+    }
+
+    pub fn request_duration(&self, project: &str) -> Histogram {
+        self.duration.with_label_values(&[project])
+    }
+
+    pub fn upstream_first_byte(&self, project: &str) -> Histogram {
+        self.first_byte.with_label_values(&[project])
+    }
+
+    /// The whole scrape in Prometheus text format.
+    pub fn render(&self, live: &Live, unauthenticated: &ProjectState) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        let states = &live.states;
+
+        family(
+            &mut out,
+            "tollgate_requests_total",
+            "counter",
+            "Requests answered, by project, model and HTTP status.",
+        );
+        for state in states.iter().map(|s| &**s).chain([unauthenticated]) {
+            let mut rows: Vec<_> = state
+                .requests
+                .iter()
+                .map(|e| {
+                    (
+                        e.key().0.clone(),
+                        e.key().1,
+                        e.value().load(Ordering::Relaxed),
+                    )
+                })
+                .collect();
+            rows.sort();
+            for (model, code, value) in rows {
+                let _ = writeln!(
+                    out,
+                    "tollgate_requests_total{{project=\"{}\",model=\"{}\",code=\"{}\"}} {}",
+                    Esc(&state.name),
+                    Esc(&model),
+                    code,
+                    value
+                );
+            }
+        }
+
+        // Sum the credential cells of each (project, model).
+        let mut by_model: Vec<(&str, String, u64, [u64; 4], u64)> = Vec::new();
+        for state in states.iter() {
+            let mut rows: std::collections::BTreeMap<String, (u64, [u64; 4], u64)> =
+                Default::default();
+            for cell in state.usage.iter() {
+                let (requests, usage, micro_usd) = cell.value().load();
+                let row = rows.entry(cell.key().1.to_string()).or_default();
+                row.0 += requests;
+                row.1[0] += usage.input_tokens;
+                row.1[1] += usage.cached_input_tokens;
+                row.1[2] += usage.output_tokens;
+                row.1[3] += usage.reasoning_tokens;
+                row.2 += micro_usd;
+            }
+            for (model, (requests, tokens, micro_usd)) in rows {
+                by_model.push((&state.name, model, requests, tokens, micro_usd));
+            }
+        }
+        family(&mut out, "tollgate_tokens_total", "counter", "Tokens the upstream reported, by project, model and type (cached_input is part of input, reasoning part of output).");
+        for (project, model, _, tokens, _) in &by_model {
+            for (kind, value) in ["input", "cached_input", "output", "reasoning"]
+                .iter()
+                .zip(tokens)
+            {
+                let _ = writeln!(
+                    out,
+                    "tollgate_tokens_total{{project=\"{}\",model=\"{}\",type=\"{}\"}} {}",
+                    Esc(project),
+                    Esc(model),
+                    kind,
+                    value
+                );
+            }
+        }
+        family(
+            &mut out,
+            "tollgate_cost_usd_total",
+            "counter",
+            "Cost of the usage the upstream reported, in USD.",
+        );
+        for (project, model, _, _, micro_usd) in &by_model {
+            let _ = writeln!(
+                out,
+                "tollgate_cost_usd_total{{project=\"{}\",model=\"{}\"}} {}",
+                Esc(project),
+                Esc(model),
+                usd(*micro_usd)
+            );
+        }
+
+        family(
+            &mut out,
+            "tollgate_rejections_total",
+            "counter",
+            "Requests tollgate refused itself, by project and reason.",
+        );
+        for state in states.iter().map(|s| &**s).chain([unauthenticated]) {
+            let mut rows: Vec<_> = state
+                .rejections
+                .iter()
+                .filter(|e| !e.key().starts_with("upstream_"))
+                .map(|e| (*e.key(), e.value().load(Ordering::Relaxed)))
+                .collect();
+            rows.sort();
+            for (reason, value) in rows {
+                let _ = writeln!(
+                    out,
+                    "tollgate_rejections_total{{project=\"{}\",reason=\"{}\"}} {}",
+                    Esc(&state.name),
+                    reason,
+                    value
+                );
+            }
+        }
+        family(
+            &mut out,
+            "tollgate_upstream_errors_total",
+            "counter",
+            "Requests answered 502 or 504 because the upstream failed, by project and kind.",
+        );
+        for state in states.iter() {
+            let mut rows: Vec<_> = state
+                .rejections
+                .iter()
+                .filter_map(|e| {
+                    e.key()
+                        .strip_prefix("upstream_")
+                        .map(|kind| (kind, e.value().load(Ordering::Relaxed)))
+                })
+                .collect();
+            rows.sort();
+            for (kind, value) in rows {
+                let _ = writeln!(
+                    out,
+                    "tollgate_upstream_errors_total{{project=\"{}\",kind=\"{}\"}} {}",
+                    Esc(&state.name),
+                    kind,
+                    value
+                );
+            }
+        }
+        family(
+            &mut out,
+            "tollgate_unpriced_requests_total",
+            "counter",
+            "Requests for a model with no price, charged at the fallback price.",
+        );
+        for state in states.iter() {
+            let _ = writeln!(
+                out,
+                "tollgate_unpriced_requests_total{{project=\"{}\"}} {}",
+                Esc(&state.name),
+                state.unpriced.load(Ordering::Relaxed)
+            );
+        }
+        family(
+            &mut out,
+            "tollgate_inflight_requests",
+            "gauge",
+            "Requests in flight, by project.",
+        );
+        for state in states.iter() {
+            let _ = writeln!(
+                out,
+                "tollgate_inflight_requests{{project=\"{}\"}} {}",
+                Esc(&state.name),
+                state.in_flight.load(Ordering::Relaxed)
+            );
+        }
+
+        let budgets: Vec<_> = live
+            .config
+            .projects
+            .iter()
+            .zip(states.iter())
+            .map(|(project, state)| (project.budget, state.account.current().snapshot(), state))
+            .collect();
+        family(
+            &mut out,
+            "tollgate_budget_limit_tokens",
+            "gauge",
+            "Token limit of the project's budget period (absent: no token limit).",
+        );
+        for (limit, _, state) in &budgets {
+            if let Some(tokens) = limit.and_then(|l| l.tokens) {
+                let _ = writeln!(
+                    out,
+                    "tollgate_budget_limit_tokens{{project=\"{}\"}} {}",
+                    Esc(&state.name),
+                    tokens
+                );
+            }
+        }
+        family(
+            &mut out,
+            "tollgate_budget_spent_tokens",
+            "gauge",
+            "Tokens settled in the project's current budget period.",
+        );
+        for (_, spend, state) in &budgets {
+            let _ = writeln!(
+                out,
+                "tollgate_budget_spent_tokens{{project=\"{}\"}} {}",
+                Esc(&state.name),
+                spend.tokens
+            );
+        }
+        family(
+            &mut out,
+            "tollgate_budget_limit_usd",
+            "gauge",
+            "USD limit of the project's budget period (absent: no USD limit).",
+        );
+        for (limit, _, state) in &budgets {
+            if let Some(micro) = limit.and_then(|l| l.micro_usd) {
+                let _ = writeln!(
+                    out,
+                    "tollgate_budget_limit_usd{{project=\"{}\"}} {}",
+                    Esc(&state.name),
+                    usd(micro)
+                );
+            }
+        }
+        family(
+            &mut out,
+            "tollgate_budget_spent_usd",
+            "gauge",
+            "USD settled in the project's current budget period.",
+        );
+        for (_, spend, state) in &budgets {
+            let _ = writeln!(
+                out,
+                "tollgate_budget_spent_usd{{project=\"{}\"}} {}",
+                Esc(&state.name),
+                usd(spend.micro_usd)
+            );
+        }
+        family(
+            &mut out,
+            "tollgate_budget_reserved_tokens",
+            "gauge",
+            "Tokens reserved by requests in flight in the current budget period.",
+        );
+        for (_, spend, state) in &budgets {
+            let _ = writeln!(
+                out,
+                "tollgate_budget_reserved_tokens{{project=\"{}\"}} {}",
+                Esc(&state.name),
+                spend.reserved_tokens
+            );
+        }
+        family(
+            &mut out,
+            "tollgate_budget_period_end_timestamp_seconds",
+            "gauge",
+            "When the project's current budget period ends (absent for a total budget).",
+        );
+        for (_, _, state) in &budgets {
+            if let Some(end) = state.account.current().end {
+                let _ = writeln!(
+                    out,
+                    "tollgate_budget_period_end_timestamp_seconds{{project=\"{}\"}} {}",
+                    Esc(&state.name),
+                    end
+                );
+            }
+        }
+
+        let mut encoded = Vec::new();
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut encoded)
+            .is_ok()
+        {
+            out.push_str(&String::from_utf8_lossy(&encoded));
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cold]
+fn unreachable_metrics() -> ! {
+    tracing::error!("static metric definitions were refused; this is a bug");
+    std::process::exit(70)
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Micro-dollars as a decimal USD value.
+fn usd(micro: u64) -> String {
+    format!("{}.{:06}", micro / 1_000_000, micro % 1_000_000)
+}
+
+/// A label value escaped for the text format.
+struct Esc<'a>(&'a str);
+
+impl std::fmt::Display for Esc<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for c in self.0.chars() {
+            match c {
+                '\\' => f.write_str("\\\\")?,
+                '"' => f.write_str("\\\"")?,
+                '\n' => f.write_str("\\n")?,
+                c => f.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}

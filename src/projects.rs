@@ -1,0 +1,167 @@
+//! Per-project runtime state that outlives any one config: the budget account, usage counters
+//! per credential and model, request and rejection counts, latency histograms.
+//!
+//! Invariant: this state is keyed by project name and is never rebuilt on reload, so a reload
+//! keeps every counter; all counters are atomics reached through lock-free map lookups.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use chrono::Utc;
+use dashmap::DashMap;
+use prometheus::Histogram;
+
+use crate::budget::Account;
+use crate::config::{Config, Project};
+use crate::metrics::Metrics;
+use crate::period::Period;
+use crate::usage::Usage;
+
+/// Lifetime usage of one (credential, model) pair since the process started.
+#[derive(Debug, Default)]
+pub struct UsageCell {
+    pub requests: AtomicU64,
+    pub input_tokens: AtomicU64,
+    pub cached_input_tokens: AtomicU64,
+    pub output_tokens: AtomicU64,
+    pub reasoning_tokens: AtomicU64,
+    pub micro_usd: AtomicU64,
+}
+
+impl UsageCell {
+    pub fn add(&self, usage: &Usage, micro_usd: u64) {
+        // Relaxed: independent monotonic counters, read only for reports.
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.input_tokens
+            .fetch_add(usage.input_tokens, Ordering::Relaxed);
+        self.cached_input_tokens
+            .fetch_add(usage.cached_input_tokens, Ordering::Relaxed);
+        self.output_tokens
+            .fetch_add(usage.output_tokens, Ordering::Relaxed);
+        self.reasoning_tokens
+            .fetch_add(usage.reasoning_tokens, Ordering::Relaxed);
+        self.micro_usd.fetch_add(micro_usd, Ordering::Relaxed);
+    }
+
+    pub fn load(&self) -> (u64, Usage, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            Usage {
+                input_tokens: self.input_tokens.load(Ordering::Relaxed),
+                cached_input_tokens: self.cached_input_tokens.load(Ordering::Relaxed),
+                output_tokens: self.output_tokens.load(Ordering::Relaxed),
+                reasoning_tokens: self.reasoning_tokens.load(Ordering::Relaxed),
+            },
+            self.micro_usd.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[derive(Debug)]
+pub struct ProjectState {
+    pub name: Arc<str>,
+    pub account: Arc<Account>,
+    /// (credential, model label) -> usage.
+    pub usage: DashMap<(Arc<str>, Arc<str>), Arc<UsageCell>>,
+    /// (model label, HTTP status) -> requests answered.
+    pub requests: DashMap<(Arc<str>, u16), AtomicU64>,
+    /// Rejection reason -> count.
+    pub rejections: DashMap<&'static str, AtomicU64>,
+    /// Requests charged at the fallback price because their model has none.
+    pub unpriced: AtomicU64,
+    pub in_flight: AtomicI64,
+    pub duration: Histogram,
+    pub first_byte: Histogram,
+}
+
+impl ProjectState {
+    fn new(project: &Project, metrics: &Metrics) -> Self {
+        let kind = project.budget.map_or(Period::Monthly, |b| b.period);
+        ProjectState {
+            name: project.name.clone(),
+            account: Arc::new(Account::new(kind, Utc::now())),
+            usage: DashMap::new(),
+            requests: DashMap::new(),
+            rejections: DashMap::new(),
+            unpriced: AtomicU64::new(0),
+            in_flight: AtomicI64::new(0),
+            duration: metrics.request_duration(&project.name),
+            first_byte: metrics.upstream_first_byte(&project.name),
+        }
+    }
+
+    /// The state that counts requests refused before a project was known (label `project=""`).
+    pub fn unauthenticated(metrics: &Metrics) -> Self {
+        ProjectState {
+            name: Arc::from(""),
+            account: Arc::new(Account::new(Period::Total, Utc::now())),
+            usage: DashMap::new(),
+            requests: DashMap::new(),
+            rejections: DashMap::new(),
+            unpriced: AtomicU64::new(0),
+            in_flight: AtomicI64::new(0),
+            duration: metrics.request_duration(""),
+            first_byte: metrics.upstream_first_byte(""),
+        }
+    }
+
+    pub fn cell(&self, credential: &Arc<str>, model: &Arc<str>) -> Arc<UsageCell> {
+        let key = (credential.clone(), model.clone());
+        if let Some(cell) = self.usage.get(&key) {
+            return cell.clone();
+        }
+        self.usage.entry(key).or_default().clone()
+    }
+
+    pub fn count_request(&self, model: &Arc<str>, status: u16) {
+        let key = (model.clone(), status);
+        if let Some(counter) = self.requests.get(&key) {
+            counter.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.requests
+            .entry(key)
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count_rejection(&self, reason: &'static str) {
+        if let Some(counter) = self.rejections.get(reason) {
+            counter.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.rejections
+            .entry(reason)
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// All projects' state, by name.
+#[derive(Debug, Default)]
+pub struct Projects {
+    by_name: DashMap<Arc<str>, Arc<ProjectState>>,
+}
+
+impl Projects {
+    /// Makes sure every project of `config` has its state; existing state is kept as is.
+    pub fn sync(&self, config: &Config, metrics: &Metrics) {
+        for project in &config.projects {
+            if !self.by_name.contains_key(&project.name) {
+                self.by_name
+                    .entry(project.name.clone())
+                    .or_insert_with(|| Arc::new(ProjectState::new(project, metrics)));
+            }
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<ProjectState>> {
+        self.by_name.get(name).map(|s| s.clone())
+    }
+
+    pub fn all(&self) -> Vec<Arc<ProjectState>> {
+        let mut all: Vec<_> = self.by_name.iter().map(|s| s.clone()).collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+}

@@ -1,0 +1,740 @@
+//! The request path. Every data-plane request takes these steps, in this order:
+//!
+//! 1. **route**: only `/v1/...` is proxied; anything else is OpenAI's "Invalid URL" 404.
+//! 2. **authenticate** (`auth`): the bearer token's hash names a credential and its project;
+//!    401 for a missing, unknown, expired or disabled token, 403 for an archived project.
+//! 3. **inspect** (`inspect`): JSON bodies and the multipart bodies that name a model are read
+//!    (up to `server.max_body_bytes`, else 413) for the model, `stream` and the output cap;
+//!    other bodies (file uploads) stream through unread.
+//! 4. **check policy**: the model the body or path names must pass the project's allow and
+//!    deny lists (403 `model_not_found`); `GET /v1/models` is filtered to allowed models.
+//! 5. **reserve** (`budget`): a POST reserves its estimated tokens and dollars against the
+//!    project's budget; 429 `project_spend_limit_exceeded` when it would not fit.
+//! 6. **forward** (`upstream`): hop-by-hop headers and the client's Authorization go, the real
+//!    key comes in; streamed chat and completions get `stream_options.include_usage` when the
+//!    client did not ask. 502 when the upstream cannot be reached, 504 when it does not answer
+//!    within `upstream.request_timeout_ms`.
+//! 7. **meter** (`body`, `usage`): the response streams back frame by frame while a meter
+//!    looks for the usage on the side (and the usage chunk the client did not ask for is
+//!    taken out).
+//! 8. **settle** ([`Settlement`]): when the body ends, fails, stalls or is abandoned, the
+//!    reservation is replaced by the real charge and the counters, metrics and log get it.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use chrono::Utc;
+use http::request::Parts;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+
+use crate::body::{Ending, ProxyBody, Settle};
+use crate::budget::{Charge, Exhausted, Reservation};
+use crate::config::{BudgetLimit, Project};
+use crate::error::{budget_message, ProxyError};
+use crate::inspect::{self, Inspected};
+use crate::projects::ProjectState;
+use crate::state::{AppState, Live};
+use crate::usage::{Encoding, Format, Meter, Report, Usage, UsageChunkFilter};
+
+/// Largest `GET /v1/models` answer tollgate reads to filter it.
+const MAX_MODEL_LIST_BYTES: usize = 8 * 1024 * 1024;
+
+/// A refusal, with what is known of the caller for counting it.
+struct Rejection {
+    error: ProxyError,
+    project: Option<Arc<ProjectState>>,
+    credential: Option<Arc<str>>,
+}
+
+impl From<ProxyError> for Rejection {
+    fn from(error: ProxyError) -> Self {
+        Rejection {
+            error,
+            project: None,
+            credential: None,
+        }
+    }
+}
+
+/// Serves one data-plane request. Never fails: every error becomes an OpenAI-shaped answer.
+pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let live = state.live.load_full();
+    let (parts, body) = request.into_parts();
+    match forward(&state, &live, parts, body, started).await {
+        Ok(response) => response,
+        Err(rejection) => reject(&state, &live, rejection, started),
+    }
+}
+
+fn reject(
+    state: &AppState,
+    live: &Live,
+    rejection: Rejection,
+    started: Instant,
+) -> Response<ProxyBody> {
+    let Rejection {
+        error,
+        project,
+        credential,
+    } = rejection;
+    let target = project.as_deref().unwrap_or(&state.unauthenticated);
+    let reason = error.reason();
+    target.count_rejection(reason);
+    let status = error.status();
+    target.count_request(&live.other, status.as_u16());
+    target.duration.observe(started.elapsed().as_secs_f64());
+    if status.is_server_error() {
+        tracing::warn!(
+            project = %target.name,
+            credential = credential.as_deref().unwrap_or(""),
+            status = status.as_u16(),
+            reason,
+            "request failed"
+        );
+    } else {
+        tracing::info!(
+            project = %target.name,
+            credential = credential.as_deref().unwrap_or(""),
+            status = status.as_u16(),
+            reason,
+            "request refused"
+        );
+    }
+    error.into_response()
+}
+
+async fn forward(
+    state: &Arc<AppState>,
+    live: &Arc<Live>,
+    parts: Parts,
+    body: Incoming,
+    started: Instant,
+) -> Result<Response<ProxyBody>, Rejection> {
+    // 1. route
+    let path = parts.uri.path();
+    if !path.starts_with("/v1/") {
+        return Err(ProxyError::InvalidUrl {
+            method: parts.method.to_string(),
+            path: path.to_owned(),
+        }
+        .into());
+    }
+
+    // 2. authenticate
+    let now = Utc::now();
+    let who = crate::auth::authenticate(&live.config, &parts.headers, now)?;
+    let (Some(project), Some(project_state)) = (
+        live.config.projects.get(who.project),
+        live.states.get(who.project),
+    ) else {
+        return Err(ProxyError::Internal.into());
+    };
+    let Some(credential) = project.credentials.get(who.credential) else {
+        return Err(ProxyError::Internal.into());
+    };
+    let in_flight = InFlight::enter(project_state.clone());
+    let fail = |error: ProxyError| Rejection {
+        error,
+        project: Some(project_state.clone()),
+        credential: Some(credential.name.clone()),
+    };
+
+    // 3. inspect
+    let max_body = live.config.server.max_body_bytes;
+    let mut inspected = Inspected::default();
+    let mut body_len = 0u64;
+    let mut rewrite = false;
+    let upstream_body = match body_kind(&parts) {
+        BodyKind::Json => {
+            let bytes = read_limited(body, &parts.headers, max_body)
+                .await
+                .map_err(fail)?;
+            body_len = bytes.len() as u64;
+            if !bytes.is_empty() {
+                inspected = inspect::inspect_json(&bytes).map_err(fail)?;
+            }
+            let bytes = if inspected.stream
+                && !inspected.include_usage
+                && parts.method == Method::POST
+                && inspect::takes_stream_options(path)
+            {
+                rewrite = true;
+                inspect::add_include_usage(&bytes, &inspected).map_err(fail)?
+            } else {
+                bytes
+            };
+            Either::Left(Full::new(bytes))
+        }
+        BodyKind::Multipart(boundary) => {
+            let bytes = read_limited(body, &parts.headers, max_body)
+                .await
+                .map_err(fail)?;
+            body_len = bytes.len() as u64;
+            inspected.model = inspect::multipart_model(bytes.clone(), &boundary)
+                .await
+                .map_err(fail)?;
+            Either::Left(Full::new(bytes))
+        }
+        BodyKind::Stream => Either::Right(body),
+    };
+
+    // 4. check policy
+    let list_models = parts.method == Method::GET && path == "/v1/models";
+    let path_model = inspect::path_model(path);
+    if let Some(model) = inspected.model.as_deref().or(path_model) {
+        if !project.models.allows(model) {
+            let error = if inspected.model.is_none() && parts.method == Method::GET {
+                ProxyError::ModelNotFound(model.to_owned())
+            } else {
+                ProxyError::ModelNotAllowed {
+                    project: project.name.to_string(),
+                    model: model.to_owned(),
+                }
+            };
+            return Err(fail(error));
+        }
+    }
+
+    // 5. reserve
+    let requested = inspected.model.as_deref().or(path_model);
+    let estimate = if parts.method == Method::POST {
+        estimate(live, path, requested, body_len, &inspected)
+    } else {
+        Estimate::default()
+    };
+    let reservation = if parts.method == Method::POST {
+        let limit = project.budget.as_ref();
+        Some(
+            project_state
+                .account
+                .reserve(limit, estimate.charge, now)
+                .map_err(|exhausted| fail(spent(project, limit, exhausted, now)))?,
+        )
+    } else {
+        None
+    };
+
+    // 6. forward
+    let path_and_query = parts.uri.path_and_query().map_or(path, |pq| pq.as_str());
+    let uri = state
+        .upstream
+        .uri(path_and_query)
+        .map_err(|_| fail(ProxyError::Internal))?;
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(header::HOST);
+    headers.remove(OPENAI_PROJECT);
+    headers.remove(OPENAI_ORGANIZATION);
+    if rewrite {
+        // The body changed length (the client sees its own bytes; hyper sets the new length),
+        // and the usage chunk can only be taken out of an uncompressed stream.
+        headers.remove(header::CONTENT_LENGTH);
+        headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+    }
+    if list_models {
+        headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+    }
+    headers.insert(header::AUTHORIZATION, authorization(project).map_err(fail)?);
+    if let Some(value) = &project.openai_project {
+        headers.insert(OPENAI_PROJECT, value.clone());
+    }
+    if let Some(value) = &project.openai_organization {
+        headers.insert(OPENAI_ORGANIZATION, value.clone());
+    }
+    let mut outgoing = Request::new(upstream_body);
+    *outgoing.method_mut() = parts.method;
+    *outgoing.uri_mut() = uri;
+    *outgoing.headers_mut() = headers;
+
+    let mut settlement = Settlement {
+        live: live.clone(),
+        project: who.project,
+        state: project_state.clone(),
+        credential: credential.name.clone(),
+        requested: requested.map(str::to_owned),
+        reservation,
+        estimate,
+        status: 0,
+        started,
+        done: false,
+        _in_flight: in_flight,
+    };
+    let sent = Instant::now();
+    let upstream = &live.config.upstream;
+    let response = match tokio::time::timeout(
+        upstream.request_timeout,
+        state.upstream.send(outgoing),
+    )
+    .await
+    {
+        Ok(Ok(response)) => response,
+        Ok(Err(err)) => {
+            tracing::warn!(project = %project.name, error = %ErrorChain(&err), "upstream request failed");
+            // Never reached the upstream, or it closed before answering: nothing was generated.
+            settlement.release();
+            return Err(fail(ProxyError::UpstreamUnreachable));
+        }
+        Err(_) => {
+            // The upstream may have done the work: charge the estimate.
+            settlement.charge_estimate();
+            return Err(fail(ProxyError::UpstreamTimeout));
+        }
+    };
+    project_state
+        .first_byte
+        .observe(sent.elapsed().as_secs_f64());
+
+    // 7. meter
+    let (mut head, incoming) = response.into_parts();
+    strip_hop_by_hop(&mut head.headers);
+    settlement.status = head.status.as_u16();
+    add_budget_headers(&mut head.headers, project, settlement.period_snapshot());
+    if !head.status.is_success() {
+        // The upstream's own error: passed through unchanged, charged nothing.
+        settlement.release();
+        let body = ProxyBody::upstream(incoming, upstream.idle_timeout, None, None, None);
+        return Ok(Response::from_parts(head, body));
+    }
+    if list_models {
+        let body = filter_model_list(incoming, project).await;
+        settlement.release();
+        head.headers.remove(header::CONTENT_LENGTH);
+        head.headers.remove(header::CONTENT_ENCODING);
+        return Ok(Response::from_parts(head, ProxyBody::full(body)));
+    }
+    let format = response_format(&head.headers);
+    let encoding = Encoding::from_header(
+        head.headers
+            .get(header::CONTENT_ENCODING)
+            .map(HeaderValue::as_bytes),
+    );
+    let meter = match (format, encoding) {
+        (Some(format), Some(encoding)) => Some(Meter::new(format, encoding)),
+        _ => None,
+    };
+    let filter = (rewrite && format == Some(Format::Sse) && encoding == Some(Encoding::Identity))
+        .then(UsageChunkFilter::new);
+    if filter.is_some() {
+        head.headers.remove(header::CONTENT_LENGTH);
+    }
+    settlement.estimate.streamed = format == Some(Format::Sse);
+    let body = ProxyBody::upstream(
+        incoming,
+        upstream.idle_timeout,
+        meter,
+        filter,
+        Some(Box::new(settlement)),
+    );
+    Ok(Response::from_parts(head, body))
+}
+
+const OPENAI_PROJECT: HeaderName = HeaderName::from_static("openai-project");
+const OPENAI_ORGANIZATION: HeaderName = HeaderName::from_static("openai-organization");
+const X_TOLLGATE_PROJECT: HeaderName = HeaderName::from_static("x-tollgate-project");
+const X_REMAINING_TOKENS: HeaderName =
+    HeaderName::from_static("x-tollgate-budget-remaining-tokens");
+const X_REMAINING_USD: HeaderName = HeaderName::from_static("x-tollgate-budget-remaining-usd");
+
+enum BodyKind {
+    Json,
+    Multipart(String),
+    Stream,
+}
+
+fn body_kind(parts: &Parts) -> BodyKind {
+    let Some(content_type) = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return BodyKind::Stream;
+    };
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if essence == "application/json" || essence.ends_with("+json") {
+        return BodyKind::Json;
+    }
+    if essence == "multipart/form-data" && inspect::multipart_names_model(parts.uri.path()) {
+        if let Ok(boundary) = multer::parse_boundary(content_type) {
+            return BodyKind::Multipart(boundary);
+        }
+    }
+    BodyKind::Stream
+}
+
+/// Reads a body that must be inspected, refusing more than `max` bytes.
+async fn read_limited(body: Incoming, headers: &HeaderMap, max: u64) -> Result<Bytes, ProxyError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max) {
+        return Err(ProxyError::BodyTooLarge(max));
+    }
+    let limit = usize::try_from(max).unwrap_or(usize::MAX);
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => {
+            Err(ProxyError::BodyTooLarge(max))
+        }
+        Err(_) => Err(ProxyError::BodyRead),
+    }
+}
+
+/// What a request reserves, and what is charged if its usage never arrives.
+#[derive(Debug, Clone, Copy, Default)]
+struct Estimate {
+    charge: Charge,
+    input_tokens: u64,
+    output_tokens: u64,
+    /// The response streamed: a cut stream is charged per event seen, not the output cap.
+    streamed: bool,
+}
+
+/// The estimate of a request: its body length as input tokens (a token is at least one byte of
+/// text, so this bounds a text prompt from above) plus its output cap, or the configured
+/// default when it sets none.
+fn estimate(
+    live: &Live,
+    path: &str,
+    model: Option<&str>,
+    body_len: u64,
+    inspected: &Inspected,
+) -> Estimate {
+    let output_tokens = if inspect::input_only(path) {
+        0
+    } else {
+        inspected
+            .max_output_tokens
+            .unwrap_or(live.config.reservation.default_output_tokens)
+    };
+    let usage = Usage {
+        input_tokens: body_len,
+        cached_input_tokens: 0,
+        output_tokens,
+        reasoning_tokens: 0,
+    };
+    let price = live.config.pricing.resolve(model.unwrap_or("")).price;
+    Estimate {
+        charge: Charge {
+            tokens: usage.total(),
+            micro_usd: price.cost_micro_usd(&usage),
+        },
+        input_tokens: body_len,
+        output_tokens,
+        streamed: false,
+    }
+}
+
+/// The 429 for a budget that cannot take the request.
+fn spent(
+    project: &Project,
+    limit: Option<&BudgetLimit>,
+    exhausted: Exhausted,
+    now: chrono::DateTime<Utc>,
+) -> ProxyError {
+    let period = limit.map_or(crate::period::Period::Monthly, |l| l.period);
+    let retry_after_secs = period
+        .bounds(now)
+        .1
+        .map(|end| u64::try_from(end - now.timestamp()).unwrap_or(0).max(1));
+    let limit = match exhausted {
+        Exhausted::Tokens { limit } => format!("{limit} tokens"),
+        Exhausted::Usd { limit_micro_usd } => format!("${}", usd(limit_micro_usd)),
+    };
+    ProxyError::BudgetExceeded {
+        message: budget_message(&project.name, period.as_str(), &limit, retry_after_secs),
+        retry_after_secs,
+    }
+}
+
+fn usd(micro: u64) -> String {
+    format!("{}.{:06}", micro / 1_000_000, micro % 1_000_000)
+}
+
+fn authorization(project: &Project) -> Result<HeaderValue, ProxyError> {
+    let mut value = HeaderValue::try_from(format!("Bearer {}", project.api_key.expose()))
+        .map_err(|_| ProxyError::Internal)?;
+    // Keeps the key out of HPACK tables and out of any header dump.
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named by Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+fn response_format(headers: &HeaderMap) -> Option<Format> {
+    let content_type = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let essence = content_type.split(';').next()?.trim();
+    if essence.eq_ignore_ascii_case("text/event-stream") {
+        Some(Format::Sse)
+    } else if essence.eq_ignore_ascii_case("application/json") {
+        Some(Format::Json)
+    } else {
+        None
+    }
+}
+
+fn add_budget_headers(
+    headers: &mut HeaderMap,
+    project: &Project,
+    spend: Option<crate::budget::SpendSnapshot>,
+) {
+    if let Ok(name) = HeaderValue::from_str(&project.name) {
+        headers.insert(X_TOLLGATE_PROJECT, name);
+    }
+    let (Some(limit), Some(spend)) = (project.budget, spend) else {
+        return;
+    };
+    if let Some(tokens) = limit.tokens {
+        let left = tokens.saturating_sub(spend.tokens + spend.reserved_tokens);
+        headers.insert(X_REMAINING_TOKENS, HeaderValue::from(left));
+    }
+    if let Some(micro) = limit.micro_usd {
+        let left = micro.saturating_sub(spend.micro_usd + spend.reserved_micro_usd);
+        if let Ok(value) = HeaderValue::try_from(usd(left)) {
+            headers.insert(X_REMAINING_USD, value);
+        }
+    }
+}
+
+/// Keeps only the models the project may use in a `GET /v1/models` answer.
+async fn filter_model_list(body: Incoming, project: &Project) -> Bytes {
+    let empty = || Bytes::from_static(br#"{"object":"list","data":[]}"#);
+    let Ok(collected) = Limited::new(body, MAX_MODEL_LIST_BYTES).collect().await else {
+        return empty();
+    };
+    let Ok(mut list) = serde_json::from_slice::<serde_json::Value>(&collected.to_bytes()) else {
+        return empty();
+    };
+    if let Some(data) = list.get_mut("data").and_then(|d| d.as_array_mut()) {
+        data.retain(|model| {
+            model
+                .get("id")
+                .and_then(|id| id.as_str())
+                .is_some_and(|id| project.models.allows(id))
+        });
+    }
+    serde_json::to_vec(&list)
+        .map(Bytes::from)
+        .unwrap_or_else(|_| empty())
+}
+
+/// Counts a project's requests in flight for as long as it lives.
+struct InFlight(Arc<ProjectState>);
+
+impl InFlight {
+    fn enter(state: Arc<ProjectState>) -> Self {
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The end of a forwarded request: replaces the reservation with the real charge and records
+/// it. Runs once, from the response body (see `body::Watch`) or from the early exits above.
+struct Settlement {
+    live: Arc<Live>,
+    project: usize,
+    state: Arc<ProjectState>,
+    credential: Arc<str>,
+    requested: Option<String>,
+    reservation: Option<Reservation>,
+    estimate: Estimate,
+    status: u16,
+    started: Instant,
+    done: bool,
+    _in_flight: InFlight,
+}
+
+impl Drop for Settlement {
+    fn drop(&mut self) {
+        if !self.done {
+            // The client went away before the upstream answered (the request future was
+            // dropped): the upstream may have done the work, so the estimate is charged.
+            if self.status == 0 {
+                self.status = CLIENT_CLOSED;
+            }
+            self.charge_estimate();
+        }
+    }
+}
+
+/// nginx's status for a request whose client went away first.
+const CLIENT_CLOSED: u16 = 499;
+
+impl Settlement {
+    fn period_snapshot(&self) -> Option<crate::budget::SpendSnapshot> {
+        match &self.reservation {
+            Some(r) => Some(r.period().snapshot()),
+            None => {
+                let project = self.live.config.projects.get(self.project)?;
+                let kind = project.budget.map(|b| b.period)?;
+                Some(self.state.account.period(kind, Utc::now()).snapshot())
+            }
+        }
+    }
+
+    /// Nothing was generated: give the reservation back.
+    fn release(&mut self) {
+        self.record(Usage::default(), None);
+    }
+
+    fn charge_estimate(&mut self) {
+        let usage = Usage {
+            input_tokens: self.estimate.input_tokens,
+            output_tokens: self.estimate.output_tokens,
+            ..Usage::default()
+        };
+        self.record(usage, None);
+    }
+
+    fn record(&mut self, usage: Usage, reported_model: Option<&str>) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let Some(project) = self.live.config.projects.get(self.project) else {
+            return;
+        };
+        let model = reported_model.or(self.requested.as_deref());
+        let pricing = &self.live.config.pricing;
+        let (label, price) = match model.and_then(|m| pricing.entry(m)) {
+            Some((name, price)) => (name.clone(), *price),
+            None => {
+                if usage.total() > 0 {
+                    self.state.unpriced.fetch_add(1, Ordering::Relaxed);
+                }
+                let label = model
+                    .and_then(|m| project.models.exact_allowed.iter().find(|e| &***e == m))
+                    .cloned()
+                    .unwrap_or_else(|| self.live.other.clone());
+                (label, pricing.fallback)
+            }
+        };
+        let micro_usd = price.cost_micro_usd(&usage);
+        if let Some(reservation) = self.reservation.take() {
+            reservation.settle(
+                Charge {
+                    tokens: usage.total(),
+                    micro_usd,
+                },
+                &usage,
+            );
+        }
+        self.state
+            .cell(&self.credential, &label)
+            .add(&usage, micro_usd);
+        let status = if self.status == 0 {
+            StatusCode::BAD_GATEWAY.as_u16()
+        } else {
+            self.status
+        };
+        self.state.count_request(&label, status);
+        let elapsed = self.started.elapsed();
+        self.state.duration.observe(elapsed.as_secs_f64());
+        tracing::info!(
+            project = %project.name,
+            credential = %self.credential,
+            model = model.unwrap_or(""),
+            status,
+            input_tokens = usage.input_tokens,
+            cached_input_tokens = usage.cached_input_tokens,
+            output_tokens = usage.output_tokens,
+            reasoning_tokens = usage.reasoning_tokens,
+            cost_usd = %usd(micro_usd),
+            duration_ms = elapsed.as_millis() as u64,
+            "request"
+        );
+    }
+}
+
+impl Settle for Settlement {
+    fn settle(mut self: Box<Self>, report: Report, ending: Ending) {
+        let usage = match report.usage {
+            Some(usage) => usage,
+            // The body ended cleanly and reported nothing (moderations, files): free.
+            None if ending == Ending::Complete && !report.malformed => Usage::default(),
+            // Cut short or unreadable: charge what was likely generated.
+            None => Usage {
+                input_tokens: self.estimate.input_tokens,
+                output_tokens: if self.estimate.streamed {
+                    report.events
+                } else {
+                    self.estimate.output_tokens
+                },
+                ..Usage::default()
+            },
+        };
+        if report.usage.is_none() && (ending == Ending::Cut || report.malformed) {
+            tracing::warn!(
+                project = %self.state.name,
+                credential = %self.credential,
+                events = report.events,
+                malformed = report.malformed,
+                "response ended without readable usage; charging an estimate"
+            );
+        }
+        self.record(usage, report.model.as_deref());
+    }
+}
+
+/// Displays an error with its sources, for logs.
+struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(err) = source {
+            write!(f, ": {err}")?;
+            source = err.source();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,74 @@
+//! The shared state of a running tollgate: the live config snapshot (swapped whole on reload)
+//! and the long-lived state that a reload must keep (project counters, metrics, the upstream
+//! client).
+//!
+//! Invariant: `Live::states[i]` is the state of `Live::config.projects[i]`; both are built
+//! together before the swap, so a request that loads one snapshot sees a matching pair.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::projects::{ProjectState, Projects};
+use crate::upstream::Upstream;
+
+/// One config and the project state resolved for it.
+#[derive(Debug)]
+pub struct Live {
+    pub config: Config,
+    pub states: Vec<Arc<ProjectState>>,
+    /// The model label of everything that is neither priced nor on an allowlist.
+    pub other: Arc<str>,
+}
+
+#[derive(Debug)]
+pub struct AppState {
+    pub live: ArcSwap<Live>,
+    pub projects: Projects,
+    pub metrics: Metrics,
+    pub upstream: Upstream,
+    /// Requests refused before a project was known (no or bad token).
+    pub unauthenticated: ProjectState,
+    pub ready: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(config: Config) -> Result<Arc<Self>, crate::upstream::UpstreamError> {
+        let metrics = Metrics::new();
+        let projects = Projects::default();
+        let upstream = Upstream::new(&config.upstream)?;
+        let unauthenticated = ProjectState::unauthenticated(&metrics);
+        let live = resolve(config, &projects, &metrics);
+        Ok(Arc::new(AppState {
+            live: ArcSwap::from_pointee(live),
+            projects,
+            metrics,
+            upstream,
+            unauthenticated,
+            ready: AtomicBool::new(false),
+        }))
+    }
+
+    /// Swaps in a new, already validated config. Counters and in-flight requests are kept.
+    pub fn swap(&self, config: Config) {
+        let live = resolve(config, &self.projects, &self.metrics);
+        self.live.store(Arc::new(live));
+    }
+}
+
+fn resolve(config: Config, projects: &Projects, metrics: &Metrics) -> Live {
+    projects.sync(&config, metrics);
+    let states = config
+        .projects
+        .iter()
+        .filter_map(|p| projects.get(&p.name))
+        .collect();
+    Live {
+        config,
+        states,
+        other: Arc::from("other"),
+    }
+}
