@@ -90,6 +90,7 @@ pub async fn run(
         move |request| proxy::handle(proxy_state.clone(), request),
         shutdown.clone(),
     );
+    let shutdown_watch = shutdown.clone();
     let admin_state = state.clone();
     let admin = server::serve(
         listeners.admin,
@@ -100,7 +101,13 @@ pub async fn run(
     );
     state.ready.store(true, Ordering::Release);
     tracing::info!("tollgate is ready");
-    tokio::join!(proxy, admin);
+    // Not ready from the moment shutdown begins, so load balancers stop sending first.
+    let mut draining = shutdown_watch;
+    let unready = async {
+        let _ = draining.wait_for(|stop| *stop).await;
+        state.ready.store(false, Ordering::Release);
+    };
+    tokio::join!(proxy, admin, unready);
     state.ready.store(false, Ordering::Release);
     Ok(())
 }

@@ -283,12 +283,13 @@ async fn forward(
         Ok(Err(err)) => {
             tracing::warn!(project = %project.name, error = %ErrorChain(&err), "upstream request failed");
             // Never reached the upstream, or it closed before answering: nothing was generated.
-            settlement.release();
+            settlement.abandon(Usage::default());
             return Err(fail(ProxyError::UpstreamUnreachable));
         }
         Err(_) => {
             // The upstream may have done the work: charge the estimate.
-            settlement.charge_estimate();
+            let estimate = settlement.estimated_usage();
+            settlement.abandon(estimate);
             return Err(fail(ProxyError::UpstreamTimeout));
         }
     };
@@ -600,7 +601,8 @@ impl Drop for Settlement {
             if self.status == 0 {
                 self.status = CLIENT_CLOSED;
             }
-            self.charge_estimate();
+            let estimate = self.estimated_usage();
+            self.record(estimate, None);
         }
     }
 }
@@ -625,23 +627,30 @@ impl Settlement {
         self.record(Usage::default(), None);
     }
 
-    fn charge_estimate(&mut self) {
-        let usage = Usage {
+    fn estimated_usage(&self) -> Usage {
+        Usage {
             input_tokens: self.estimate.input_tokens,
             output_tokens: self.estimate.output_tokens,
             ..Usage::default()
-        };
-        self.record(usage, None);
+        }
     }
 
-    fn record(&mut self, usage: Usage, reported_model: Option<&str>) {
-        if self.done {
-            return;
-        }
+    /// Settles without answering: the caller answers with an error of its own, which counts
+    /// the request.
+    fn abandon(&mut self, usage: Usage) {
         self.done = true;
-        let Some(project) = self.live.config.projects.get(self.project) else {
-            return;
-        };
+        if let Some((label, micro_usd)) = self.charge(&usage, None) {
+            if usage.total() > 0 {
+                self.state
+                    .cell(&self.credential, &label)
+                    .add(&usage, micro_usd);
+            }
+        }
+    }
+
+    /// Replaces the reservation with the charge for `usage`; returns the model label and cost.
+    fn charge(&mut self, usage: &Usage, reported_model: Option<&str>) -> Option<(Arc<str>, u64)> {
+        let project = self.live.config.projects.get(self.project)?;
         let model = reported_model.or(self.requested.as_deref());
         let pricing = &self.live.config.pricing;
         let (label, price) = match model.and_then(|m| pricing.entry(m)) {
@@ -657,16 +666,32 @@ impl Settlement {
                 (label, pricing.fallback)
             }
         };
-        let micro_usd = price.cost_micro_usd(&usage);
+        let micro_usd = price.cost_micro_usd(usage);
         if let Some(reservation) = self.reservation.take() {
             reservation.settle(
                 Charge {
                     tokens: usage.total(),
                     micro_usd,
                 },
-                &usage,
+                usage,
             );
         }
+        Some((label, micro_usd))
+    }
+
+    fn record(&mut self, usage: Usage, reported_model: Option<&str>) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let Some((label, micro_usd)) = self.charge(&usage, reported_model) else {
+            return;
+        };
+        let live = self.live.clone();
+        let Some(project) = live.config.projects.get(self.project) else {
+            return;
+        };
+        let model = reported_model.or(self.requested.as_deref());
         self.state
             .cell(&self.credential, &label)
             .add(&usage, micro_usd);
