@@ -14,6 +14,7 @@ pub mod period;
 pub mod pricing;
 pub mod projects;
 pub mod proxy;
+pub mod ratelimit;
 pub mod server;
 pub mod state;
 pub mod upstream;
