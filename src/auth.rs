@@ -24,7 +24,8 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-/// Who is calling: the credential that `headers` authenticate, checked against `now`.
+/// Who is calling: the credential that `headers` authenticate, checked against `now`. Whether
+/// its project is archived is the caller's check, so that the refusal counts for the project.
 pub fn authenticate(
     config: &Config,
     headers: &HeaderMap,
@@ -48,9 +49,6 @@ pub fn authenticate(
     }
     if credential.expires_at.is_some_and(|at| at <= now) {
         return Err(ProxyError::ExpiredToken);
-    }
-    if project.archived {
-        return Err(ProxyError::ArchivedProject(project.name.to_string()));
     }
     Ok(found)
 }

@@ -105,7 +105,7 @@ pub async fn run(
     // Not ready from the moment shutdown begins, so load balancers stop sending first.
     let mut draining = shutdown_watch;
     let unready = async {
-        let _ = draining.wait_for(|stop| *stop).await;
+        server::stopping(&mut draining).await;
         state.ready.store(false, Ordering::Release);
     };
     tokio::join!(proxy, admin, unready);

@@ -137,12 +137,15 @@ async fn forward(
     let Some(credential) = project.credentials.get(who.credential) else {
         return Err(ProxyError::Internal.into());
     };
-    let in_flight = InFlight::enter(project_state.clone());
     let fail = |error: ProxyError| Rejection {
         error,
         project: Some(project_state.clone()),
         credential: Some(credential.name.clone()),
     };
+    if project.archived {
+        return Err(fail(ProxyError::ArchivedProject(project.name.to_string())));
+    }
+    let in_flight = InFlight::enter(project_state.clone());
 
     // 3. inspect
     let max_body = live.config.server.max_body_bytes;

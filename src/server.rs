@@ -101,7 +101,7 @@ pub async fn serve<H, F>(
                 Ok(permit) => permit,
                 Err(_) => break,
             },
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            _ = stopping(&mut shutdown) => break,
         };
         let (stream, _peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -113,7 +113,7 @@ pub async fn serve<H, F>(
                     continue;
                 }
             },
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            _ = stopping(&mut shutdown) => break,
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
@@ -179,4 +179,10 @@ pub async fn serve<H, F>(
             "connections still open after the grace period; closing them"
         );
     }
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not Send; drop it before anything else is awaited.
+    let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
 }

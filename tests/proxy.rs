@@ -464,23 +464,22 @@ fn concat(frames: &[Bytes]) -> Vec<u8> {
 #[tokio::test]
 async fn a_stream_that_asked_for_usage_passes_byte_identical() {
     let (mock, proxy) = setup().await;
+    // A twin mock answers the same request directly: same ids, same pinned timestamps.
+    let twin = MockUpstream::start().await;
     let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": true, "stream_options": {"include_usage": true}});
     let auth = format!("Bearer {TOKEN}");
-    let through = stream_body(
-        &proxy.url("/v1/chat/completions"),
-        &[
-            ("authorization", &auth),
-            ("content-type", "application/json"),
-        ],
-        &body,
-    )
-    .await;
+    let direct_auth = format!("Bearer {REAL_KEY}");
+    let mut headers = vec![
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+        ("x-mock-created", "1760000000"),
+        ("x-mock-split", "7"),
+    ];
+    let through = stream_body(&proxy.url("/v1/chat/completions"), &headers, &body).await;
+    headers[0] = ("authorization", direct_auth.as_str());
     let direct = stream_body(
-        &format!("{}/v1/chat/completions", mock.base_url()),
-        &[
-            ("authorization", &format!("Bearer {REAL_KEY}")),
-            ("content-type", "application/json"),
-        ],
+        &format!("{}/v1/chat/completions", twin.base_url()),
+        &headers,
         &body,
     )
     .await;
@@ -493,10 +492,9 @@ async fn a_stream_that_asked_for_usage_passes_byte_identical() {
     assert_eq!(mock.requests()[0].body, Bytes::from(body.to_string()));
     let alpha = project(&proxy, "alpha").await;
     let reported = mock.reported();
-    // Two streams reported usage (the proxied one and the direct one); tollgate saw one.
-    assert_eq!(reported.requests_with_usage, 2);
-    assert_eq!(alpha["spent"]["input_tokens"], reported.input_tokens / 2);
-    assert_eq!(alpha["spent"]["output_tokens"], reported.output_tokens / 2);
+    assert_eq!(reported.requests_with_usage, 1);
+    assert_eq!(alpha["spent"]["input_tokens"], reported.input_tokens);
+    assert_eq!(alpha["spent"]["output_tokens"], reported.output_tokens);
 }
 
 #[tokio::test]
@@ -572,8 +570,11 @@ async fn streamed_responses_are_counted_from_their_final_event() {
 
 #[tokio::test]
 async fn compressed_answers_pass_unchanged_and_are_counted() {
-    let (mock, proxy) = setup().await;
+    let (_mock, proxy) = setup().await;
+    // The twin gets the same requests in the same order, so its answers are the same bytes.
+    let twin = MockUpstream::start().await;
     let auth = format!("Bearer {TOKEN}");
+    let direct_auth = format!("Bearer {REAL_KEY}");
     let mut expected_in = 0;
     for encoding in ["gzip", "deflate", "br", "zstd"] {
         for stream in [false, true] {
@@ -582,31 +583,29 @@ async fn compressed_answers_pass_unchanged_and_are_counted() {
                 body["stream"] = json!(true);
                 body["stream_options"] = json!({"include_usage": true});
             }
-            let headers = [
+            let mut headers = vec![
                 ("authorization", auth.as_str()),
                 ("content-type", "application/json"),
                 ("accept-encoding", encoding),
                 ("x-mock-encoding", encoding),
                 ("x-mock-usage", "100,7"),
+                ("x-mock-created", "1760000000"),
             ];
             let through = stream_body(&proxy.url("/v1/chat/completions"), &headers, &body).await;
+            assert_eq!(through.0.status, StatusCode::OK);
             assert_eq!(through.0.headers["content-encoding"], encoding);
-            let direct_headers = [
-                ("authorization", &*format!("Bearer {REAL_KEY}")),
-                ("content-type", "application/json"),
-                ("x-mock-encoding", encoding),
-                ("x-mock-usage", "100,7"),
-            ];
+            headers[0] = ("authorization", direct_auth.as_str());
             let direct = stream_body(
-                &format!("{}/v1/chat/completions", mock.base_url()),
-                &direct_headers,
+                &format!("{}/v1/chat/completions", twin.base_url()),
+                &headers,
                 &body,
             )
             .await;
-            if !stream {
-                // Streams carry per-chunk ids and timing; whole bodies must match exactly.
-                assert_eq!(concat(&through.1), concat(&direct.1), "{encoding}");
-            }
+            assert_eq!(
+                concat(&through.1),
+                concat(&direct.1),
+                "{encoding} stream={stream}: the client gets the upstream's bytes"
+            );
             expected_in += 100;
             let alpha = project(&proxy, "alpha").await;
             assert_eq!(
