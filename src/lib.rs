@@ -15,8 +15,10 @@ pub mod pricing;
 pub mod projects;
 pub mod proxy;
 pub mod ratelimit;
+pub mod report;
 pub mod server;
 pub mod state;
+pub mod store;
 pub mod upstream;
 pub mod usage;
 

@@ -5,12 +5,15 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use chrono::{Days, NaiveDate};
 use clap::{Parser, Subcommand, ValueEnum};
 use rand::RngCore;
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
+use tollgate::report::{self, ReportFormat};
 use tollgate::state::AppState;
+use tollgate::store::{Dimension, ReportQuery};
 use tollgate::{auth, config, Listeners};
 
 #[derive(Parser)]
@@ -38,6 +41,28 @@ enum Command {
         #[arg(long, env = "TOLLGATE_CONFIG", default_value = "config/tollgate.toml")]
         config: PathBuf,
     },
+    /// Print the usage recorded in the ledger (`store.path` of the config).
+    Usage {
+        #[arg(long, env = "TOLLGATE_CONFIG", default_value = "config/tollgate.toml")]
+        config: PathBuf,
+        /// First UTC day included, YYYY-MM-DD.
+        #[arg(long, value_name = "DATE", value_parser = parse_day)]
+        since: Option<NaiveDate>,
+        /// Last UTC day included, YYYY-MM-DD.
+        #[arg(long, value_name = "DATE", value_parser = parse_day)]
+        until: Option<NaiveDate>,
+        /// Group by these, comma-separated: project, model, credential, day.
+        #[arg(
+            long,
+            value_name = "DIMENSIONS",
+            value_delimiter = ',',
+            default_value = "project",
+            value_parser = parse_dimension
+        )]
+        by: Vec<Dimension>,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
+    },
     /// Make and hash internal tokens.
     Token {
         #[command(subcommand)]
@@ -51,6 +76,32 @@ enum TokenCommand {
     New,
     /// Read a token on stdin and print its SHA-256 hex.
     Hash,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    Table,
+    Json,
+    Csv,
+}
+
+impl From<OutputFormat> for ReportFormat {
+    fn from(format: OutputFormat) -> Self {
+        match format {
+            OutputFormat::Table => ReportFormat::Table,
+            OutputFormat::Json => ReportFormat::Json,
+            OutputFormat::Csv => ReportFormat::Csv,
+        }
+    }
+}
+
+fn parse_day(text: &str) -> Result<NaiveDate, String> {
+    NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .map_err(|_| format!("`{text}` is not a date such as 2026-11-26"))
+}
+
+fn parse_dimension(text: &str) -> Result<Dimension, String> {
+    text.trim().parse()
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -73,6 +124,13 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Usage {
+            config,
+            since,
+            until,
+            by,
+            format,
+        } => usage(&config, since, until, by, format.into()),
         Command::Token {
             command: TokenCommand::New,
         } => {
@@ -98,6 +156,46 @@ fn main() -> ExitCode {
             }
             out(&format!("{}\n", hex::encode(auth::hash_token(token))));
             ExitCode::SUCCESS
+        }
+    }
+}
+
+/// `tollgate usage`: the config names the ledger; `until` is inclusive here and exclusive in
+/// the query.
+fn usage(
+    path: &std::path::Path,
+    since: Option<NaiveDate>,
+    until: Option<NaiveDate>,
+    by: Vec<Dimension>,
+    format: ReportFormat,
+) -> ExitCode {
+    let loaded = match config::load(path) {
+        Ok(loaded) => loaded,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    if let (Some(since), Some(until)) = (since, until) {
+        if since > until {
+            eprintln!("error: --since {since} is after --until {until}");
+            return ExitCode::from(1);
+        }
+    }
+    let query = ReportQuery {
+        since,
+        // The day after the last day wanted; past the end of the calendar, no end at all.
+        until: until.and_then(|day| day.checked_add_days(Days::new(1))),
+        by,
+    };
+    match report::generate(&loaded.store.path, &query, format) {
+        Ok(text) => {
+            out(&text);
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::from(1)
         }
     }
 }

@@ -22,11 +22,12 @@ use toml::Spanned;
 
 use super::raw::{
     RawAdmin, RawBudget, RawConfig, RawCredential, RawInstant, RawPrice, RawPricing,
-    RawPricingFile, RawProject, RawServer, RawUpstream,
+    RawPricingFile, RawProject, RawServer, RawStore, RawUpstream,
 };
 use super::{
-    AdminConfig, BudgetLimit, Config, Credential, CredentialRef, ModelPolicy, Project,
-    ReservationConfig, Secret, ServerConfig, TlsFiles, TokenHash, UpstreamConfig,
+    AdminConfig, BudgetLimit, Config, Credential, CredentialRef, ModelPolicy, OnStoreError,
+    Project, ReservationConfig, Secret, ServerConfig, StoreConfig, TlsFiles, TokenHash,
+    UpstreamConfig,
 };
 use crate::period::Period;
 use crate::pricing::{Price, Pricing};
@@ -139,6 +140,7 @@ impl Loader<'_> {
         let reservation = ReservationConfig {
             default_output_tokens: raw.reservation.default_output_tokens,
         };
+        let store = self.store(&raw.store)?;
 
         let mut projects = Vec::with_capacity(raw.projects.len());
         let mut names: HashMap<String, usize> = HashMap::new();
@@ -180,6 +182,7 @@ impl Loader<'_> {
             upstream,
             pricing,
             reservation,
+            store,
             projects,
             tokens,
         })
@@ -309,6 +312,42 @@ impl Loader<'_> {
             models.insert(Arc::from(name.as_str()), price);
         }
         Ok(Pricing::new(models, fallback))
+    }
+
+    fn store(&self, raw: &RawStore) -> Result<StoreConfig> {
+        if raw.path.is_empty() {
+            return Err(self.err("store.path", "must not be empty"));
+        }
+        if raw.flush_interval_ms < MIN_FLUSH_INTERVAL_MS {
+            return Err(self.err(
+                "store.flush_interval_ms",
+                format!("must be at least {MIN_FLUSH_INTERVAL_MS}"),
+            ));
+        }
+        if let Some(url) = &raw.redis_url {
+            let rest = url
+                .strip_prefix("redis://")
+                .or_else(|| url.strip_prefix("rediss://"));
+            match rest {
+                None => {
+                    return Err(self.err("store.redis_url", "must start with redis:// or rediss://"))
+                }
+                Some("") => return Err(self.err("store.redis_url", "missing host")),
+                Some(_) => {}
+            }
+        }
+        let on_store_error = OnStoreError::parse(&raw.on_store_error).ok_or_else(|| {
+            self.err(
+                "store.on_store_error",
+                format!("expected one of {}", OnStoreError::NAMES),
+            )
+        })?;
+        Ok(StoreConfig {
+            path: self.resolve(&raw.path),
+            flush_interval: Duration::from_millis(raw.flush_interval_ms),
+            redis_url: raw.redis_url.clone(),
+            on_store_error,
+        })
     }
 
     fn project(&self, key: &str, raw: &RawProject) -> Result<(Project, Vec<TokenHash>)> {
@@ -592,6 +631,9 @@ impl Loader<'_> {
         Ok(resolved)
     }
 }
+
+/// The shortest `store.flush_interval_ms`: below it the writer would spin on tiny batches.
+const MIN_FLUSH_INTERVAL_MS: u64 = 10;
 
 /// A price in micro-dollars per 1M tokens; on error, the field at fault and why.
 fn price(raw: &RawPrice) -> Result<Price, (&'static str, String)> {
@@ -921,6 +963,11 @@ token_sha256 = "{HASH_A}"
         }
     }
 
+    /// The directory relative paths of `config` resolve against.
+    fn dir_of(config: &Config) -> PathBuf {
+        config.source.parent().unwrap().to_path_buf()
+    }
+
     #[track_caller]
     fn assert_err(e: &ConfigError, key_path: &str, why_contains: &str) {
         assert_eq!(e.key_path(), key_path, "key path of: {e}");
@@ -980,6 +1027,10 @@ token_sha256 = "{HASH_A}"
         );
         assert_eq!(config.pricing.len(), 2);
         assert_eq!(config.reservation.default_output_tokens, 4096);
+        assert_eq!(config.store.path, dir_of(&config).join("data/tollgate.db"));
+        assert_eq!(config.store.flush_interval, Duration::from_millis(200));
+        assert_eq!(config.store.redis_url, None);
+        assert_eq!(config.store.on_store_error, OnStoreError::Open);
 
         let project = &config.projects[0];
         assert_eq!(&*project.name, "a");
@@ -1083,6 +1134,10 @@ token_sha256 = "{HASH_A}"
             );
         }
         assert_eq!(config.tokens.len(), 3);
+        assert_eq!(config.store.path, path.with_file_name("data/tollgate.db"));
+        assert_eq!(config.store.flush_interval, Duration::from_millis(200));
+        assert_eq!(config.store.redis_url, None);
+        assert_eq!(config.store.on_store_error, OnStoreError::Open);
     }
 
     #[test]
@@ -1121,6 +1176,12 @@ fallback = {{ input = 1.0, output = 2.5 }}
 
 [reservation]
 default_output_tokens = 8
+
+[store]
+path = "/var/lib/tollgate/usage.db"
+flush_interval_ms = 10
+redis_url = "rediss://:pw@cache.internal:6380/2"
+on_store_error = "closed"
 
 [[projects]]
 name = "Search_v2.prod-1"
@@ -1187,6 +1248,14 @@ expires_at = "2027-01-01T00:00:00Z"
             }
         );
         assert_eq!(config.reservation.default_output_tokens, 8);
+        let store = &config.store;
+        assert_eq!(store.path, Path::new("/var/lib/tollgate/usage.db"));
+        assert_eq!(store.flush_interval, Duration::from_millis(10));
+        assert_eq!(
+            store.redis_url.as_deref(),
+            Some("rediss://:pw@cache.internal:6380/2")
+        );
+        assert_eq!(store.on_store_error, OnStoreError::Closed);
 
         let project = &config.projects[0];
         assert_eq!(&*project.name, "Search_v2.prod-1");
@@ -1243,10 +1312,13 @@ expires_at = "2027-01-01T00:00:00Z"
 
     #[test]
     fn secrets_stay_out_of_debug_and_summary() {
-        let text = format!("[admin]\ntoken_env = \"ADMIN\"\n{}", minimal());
+        let text = format!(
+            "[admin]\ntoken_env = \"ADMIN\"\n[store]\nredis_url = \"redis://u:redis-pw@cache\"\n{}",
+            minimal()
+        );
         let config = ok(&text);
         let printed = format!("{config:?}\n{}", summary(&config));
-        for secret in ["sk-a", "admin-token", HASH_A] {
+        for secret in ["sk-a", "admin-token", HASH_A, "redis-pw"] {
             assert!(!printed.contains(secret), "{secret} leaked");
         }
         assert!(printed.contains("[redacted]"));
@@ -1282,12 +1354,17 @@ archived = true
         let config = ok(&text);
         let now = "2026-06-01T00:00:00Z".parse().unwrap();
         let text = summary_at(&config, now);
+        let store_line = format!(
+            "store: {}, written every 200 ms, on store error: open (keep serving)",
+            dir_of(&config).join("data/tollgate.db").display()
+        );
         let expected = [
             "server: 127.0.0.1:8080 (http), max body 33554432 bytes, max 10000 connections",
             "admin: 127.0.0.1:9090, admin token not set (/admin/* answers 403)",
             "upstream: https://api.openai.com/",
             "pricing: 2 models; unpriced models charged $10.00 input, $10.00 cached input, $30.00 output per 1M tokens",
             "reservation: 4096 output tokens when a request sets no limit",
+            store_line.as_str(),
             "projects: 2",
             "  search: active, 2 credentials (1 expired, 1 disabled)",
             "    allowed models: gpt-4o-mini, gpt-4.1*",
@@ -1741,6 +1818,80 @@ archived = true
         assert_err(&e, "admin.token_env", "is empty");
         let e = err("[admin]\ntoken_env = \"\"\n");
         assert_err(&e, "admin.token_env", "must name an environment variable");
+    }
+
+    // --- store
+
+    #[test]
+    fn store_path_resolves_against_the_config_directory() {
+        let config = ok("[store]\npath = \"ledger/usage.db\"\n");
+        assert_eq!(config.store.path, dir_of(&config).join("ledger/usage.db"));
+        let config = ok("[store]\npath = \"/tmp/usage.db\"\n");
+        assert_eq!(config.store.path, Path::new("/tmp/usage.db"));
+        let e = err("[store]\npath = \"\"\n");
+        assert_err(&e, "store.path", "must not be empty");
+    }
+
+    #[test]
+    fn flush_interval_below_10_ms() {
+        for ms in [0, 9] {
+            let e = err(&format!("[store]\nflush_interval_ms = {ms}\n"));
+            assert_err(&e, "store.flush_interval_ms", "must be at least 10");
+            assert!(
+                e.to_string()
+                    .ends_with("store.flush_interval_ms: must be at least 10"),
+                "{e}"
+            );
+        }
+        let e = err("[store]\nflush_interval_ms = -1\n");
+        assert_err(&e, "store.flush_interval_ms", "invalid value");
+        let config = ok("[store]\nflush_interval_ms = 10\n");
+        assert_eq!(config.store.flush_interval, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn bad_redis_url() {
+        for url in [
+            "http://cache:6379",
+            "cache:6379",
+            "",
+            "REDIS://cache",
+            "unix:///tmp/r.sock",
+        ] {
+            let e = err(&format!("[store]\nredis_url = \"{url}\"\n"));
+            assert_err(
+                &e,
+                "store.redis_url",
+                "must start with redis:// or rediss://",
+            );
+        }
+        for url in ["redis://", "rediss://"] {
+            let e = err(&format!("[store]\nredis_url = \"{url}\"\n"));
+            assert_err(&e, "store.redis_url", "missing host");
+        }
+        let e = err("[store]\nredis_url = 6379\n");
+        assert_err(&e, "store.redis_url", "invalid type: integer");
+        let config = ok("[store]\nredis_url = \"redis://cache:6379/0\"\n");
+        assert_eq!(
+            config.store.redis_url.as_deref(),
+            Some("redis://cache:6379/0")
+        );
+    }
+
+    #[test]
+    fn bad_on_store_error() {
+        for bad in ["fail-open", "Open", ""] {
+            let e = err(&format!("[store]\non_store_error = \"{bad}\"\n"));
+            assert_err(&e, "store.on_store_error", "expected one of open, closed");
+        }
+        let config = ok("[store]\non_store_error = \"closed\"\n");
+        assert_eq!(config.store.on_store_error, OnStoreError::Closed);
+    }
+
+    #[test]
+    fn unknown_key_in_store() {
+        let e = err("[store]\nflush_ms = 100\n");
+        assert_err(&e, "store.flush_ms", "unknown field `flush_ms`");
     }
 
     // --- pricing

@@ -56,6 +56,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub pricing: Pricing,
     pub reservation: ReservationConfig,
+    pub store: StoreConfig,
     pub projects: Vec<Arc<Project>>,
     /// Token hash -> (index into `projects`, index into that project's `credentials`).
     pub tokens: HashMap<TokenHash, CredentialRef>,
@@ -111,6 +112,79 @@ pub struct ReservationConfig {
     pub default_output_tokens: u64,
 }
 
+/// Where and how settled usage is recorded (`[store]`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// The SQLite ledger, resolved against the config file's directory.
+    pub path: PathBuf,
+    /// How often pending usage is written to the ledger; at least 10 ms.
+    pub flush_interval: Duration,
+    /// A `redis://` or `rediss://` URL, as written. It may hold a password: `Debug` and the
+    /// summary show it through [`StoreConfig::redis_url_redacted`].
+    pub redis_url: Option<String>,
+    pub on_store_error: OnStoreError,
+}
+
+impl StoreConfig {
+    /// `redis_url` with any user and password replaced by `[redacted]`, for logs and summaries.
+    pub fn redis_url_redacted(&self) -> Option<String> {
+        self.redis_url.as_deref().map(redact_userinfo)
+    }
+}
+
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("path", &self.path)
+            .field("flush_interval", &self.flush_interval)
+            .field("redis_url", &self.redis_url_redacted())
+            .field("on_store_error", &self.on_store_error)
+            .finish()
+    }
+}
+
+/// `scheme://user:password@host/...` -> `scheme://[redacted]@host/...`; anything without
+/// credentials is returned as it is.
+fn redact_userinfo(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}[redacted]{}", &url[..scheme_end + 3], &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
+/// What tollgate does while the ledger cannot be written (`store.on_store_error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStoreError {
+    /// Keep serving: usage stays queued in memory and is written once the ledger recovers.
+    Open,
+    /// Refuse requests until the ledger can be written again.
+    Closed,
+}
+
+impl OnStoreError {
+    pub const NAMES: &'static str = "open, closed";
+
+    pub fn parse(name: &str) -> Option<OnStoreError> {
+        match name {
+            "open" => Some(OnStoreError::Open),
+            "closed" => Some(OnStoreError::Closed),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnStoreError::Open => "open",
+            OnStoreError::Closed => "closed",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Project {
     pub name: Arc<str>,
@@ -161,5 +235,36 @@ impl ModelPolicy {
             Some(allowed) => allowed.is_match(model),
             None => true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_credentials_are_redacted() {
+        assert_eq!(
+            redact_userinfo("redis://user:pw@cache:6379/0"),
+            "redis://[redacted]@cache:6379/0"
+        );
+        assert_eq!(
+            redact_userinfo("rediss://:p@ss@cache"),
+            "rediss://[redacted]@cache"
+        );
+        assert_eq!(
+            redact_userinfo("redis://cache:6379/0?x=a@b"),
+            "redis://cache:6379/0?x=a@b"
+        );
+        assert_eq!(redact_userinfo("redis://cache"), "redis://cache");
+        let store = StoreConfig {
+            path: PathBuf::from("data/tollgate.db"),
+            flush_interval: Duration::from_millis(200),
+            redis_url: Some("redis://admin:hunter2@cache".to_owned()),
+            on_store_error: OnStoreError::Open,
+        };
+        let printed = format!("{store:?}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("redis://[redacted]@cache"), "{printed}");
     }
 }

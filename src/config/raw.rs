@@ -28,6 +28,9 @@ pub struct RawConfig {
     /// What an in-flight request reserves against its budget.
     #[serde(default)]
     pub reservation: RawReservation,
+    /// Where settled usage is recorded.
+    #[serde(default)]
+    pub store: RawStore,
     /// The projects, each with its own OpenAI key, model policy, budget and credentials.
     /// (empty: every request is refused)
     #[serde(default)]
@@ -267,6 +270,51 @@ impl Default for RawReservation {
 
 fn default_output_tokens() -> u64 {
     4_096
+}
+
+/// `[store]`: the usage ledger.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    /// The SQLite ledger file; relative to the config file's directory. Its directory is
+    /// created when missing. (`data/tollgate.db`)
+    #[serde(default = "default_store_path")]
+    pub path: String,
+    /// How often settled usage is written to the ledger, in milliseconds; at least 10. Usage
+    /// settled since the last write is lost if the process dies. (200)
+    #[serde(default = "default_flush_interval_ms")]
+    pub flush_interval_ms: u64,
+    /// A `redis://` or `rediss://` URL, for sharing spend between replicas. Validated and kept;
+    /// not used yet. (unset)
+    pub redis_url: Option<String>,
+    /// What to do while the ledger cannot be written: `open` keeps serving (usage stays queued
+    /// in memory and is written when the ledger recovers), `closed` refuses requests.
+    /// (`open`)
+    #[serde(default = "default_on_store_error")]
+    pub on_store_error: String,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
+            path: default_store_path(),
+            flush_interval_ms: default_flush_interval_ms(),
+            redis_url: None,
+            on_store_error: default_on_store_error(),
+        }
+    }
+}
+
+fn default_store_path() -> String {
+    "data/tollgate.db".to_owned()
+}
+
+fn default_flush_interval_ms() -> u64 {
+    200
+}
+
+fn default_on_store_error() -> String {
+    "open".to_owned()
 }
 
 /// `[[projects]]`

@@ -1,14 +1,14 @@
 //! The human summary of a loaded [`Config`] that `tollgate check` prints.
 //!
-//! Invariant: the summary never holds a secret (API key, admin token) or a token hash; it says
-//! whether a secret is set and counts credentials, nothing more.
+//! Invariant: the summary never holds a secret (API key, admin token, a password in the Redis
+//! URL) or a token hash; it says whether a secret is set and counts credentials, nothing more.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
-use super::{BudgetLimit, Config, ModelPolicy, Project};
+use super::{BudgetLimit, Config, ModelPolicy, OnStoreError, Project, StoreConfig};
 
 /// The summary as of now; see [`summary_at`].
 pub fn summary(config: &Config) -> String {
@@ -59,11 +59,30 @@ pub fn summary_at(config: &Config, now: DateTime<Utc>) -> String {
         "reservation: {} output tokens when a request sets no limit",
         config.reservation.default_output_tokens
     );
+    write_store(&mut out, &config.store);
     let _ = writeln!(out, "projects: {}", config.projects.len());
     for project in &config.projects {
         write_project(&mut out, project, now);
     }
     out
+}
+
+fn write_store(out: &mut String, store: &StoreConfig) {
+    let _ = writeln!(
+        out,
+        "store: {}, written every {} ms, on store error: {} ({})",
+        store.path.display(),
+        store.flush_interval.as_millis(),
+        store.on_store_error.as_str(),
+        match store.on_store_error {
+            OnStoreError::Open => "keep serving",
+            OnStoreError::Closed => "refuse requests",
+        },
+    );
+    // The URL may carry a password: only its redacted form is shown.
+    if let Some(url) = store.redis_url_redacted() {
+        let _ = writeln!(out, "  redis: {url} (not used yet)");
+    }
 }
 
 fn write_project(out: &mut String, project: &Project, now: DateTime<Utc>) {

@@ -1,0 +1,480 @@
+//! The usage ledger: settled usage queued in memory ([`Pending`]), written in batches by a
+//! background [`Flusher`] to a SQLite [`Ledger`], and read back for budgets and reports.
+//!
+//! Invariant: every increment added to [`Pending`] is taken by exactly one [`Pending::drain`]
+//! (or put back by [`Pending::restore`] when its write failed), so the ledger counts each settled
+//! request once. The request path touches only [`Pending`]: atomics behind a lock-free map
+//! lookup, no I/O and no mutex.
+
+mod flusher;
+mod sqlite;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use chrono::{DateTime, Days, NaiveDate, Utc};
+use dashmap::DashMap;
+use thiserror::Error;
+
+pub use flusher::Flusher;
+pub use sqlite::{Dimension, Ledger, ReportQuery, ReportRow, SCHEMA_VERSION};
+
+use crate::budget::SpendSnapshot;
+use crate::period::Period;
+use crate::usage::Usage;
+
+/// Why the ledger could not be opened, written or read. Messages name the ledger file.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("cannot create the directory of the ledger {}: {source}", .path.display())]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no ledger at {} (nothing recorded yet, or store.path points elsewhere)", .path.display())]
+    Missing { path: PathBuf },
+    #[error("cannot open the ledger {}: {source}", .path.display())]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("cannot prepare the schema of the ledger {}: {source}", .path.display())]
+    Migrate {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "the ledger {} has schema version {found}, this tollgate knows up to {known}",
+        .path.display()
+    )]
+    UnknownSchema {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    #[error("cannot write usage to the ledger {}: {source}", .path.display())]
+    Write {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("cannot read usage from the ledger {}: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("the ledger {} holds an invalid {what}: {value}", .path.display())]
+    Corrupt {
+        path: PathBuf,
+        what: &'static str,
+        value: String,
+    },
+    #[error("cannot start the writer of the ledger {}: {source}", .path.display())]
+    Spawn {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the writer of the ledger {} has stopped", .path.display())]
+    Stopped { path: PathBuf },
+}
+
+/// What one ledger row counts: a project's usage through one credential of one model on one
+/// UTC day (the day the request was admitted, so a request is counted in one day only).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UsageKey {
+    pub project: Arc<str>,
+    pub credential: Arc<str>,
+    pub model: Arc<str>,
+    pub day: NaiveDate,
+}
+
+/// Usage to add to a ledger row, or a sum of rows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsageDelta {
+    pub requests: u64,
+    /// Includes `cached_input_tokens`, as OpenAI reports it.
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    /// Includes `reasoning_tokens`, as OpenAI reports it.
+    pub output_tokens: u64,
+    pub reasoning_tokens: u64,
+    pub micro_usd: u64,
+}
+
+impl UsageDelta {
+    /// One settled request with its usage and charge.
+    pub fn request(usage: &Usage, micro_usd: u64) -> Self {
+        UsageDelta {
+            requests: 1,
+            input_tokens: usage.input_tokens,
+            cached_input_tokens: usage.cached_input_tokens,
+            output_tokens: usage.output_tokens,
+            reasoning_tokens: usage.reasoning_tokens,
+            micro_usd,
+        }
+    }
+
+    /// The tokens a budget counts: input plus output (cached and reasoning tokens are already
+    /// inside those).
+    pub fn tokens(&self) -> u64 {
+        self.input_tokens.saturating_add(self.output_tokens)
+    }
+
+    pub fn add(&mut self, other: &UsageDelta) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
+        self.cached_input_tokens = self
+            .cached_input_tokens
+            .saturating_add(other.cached_input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
+        self.reasoning_tokens = self.reasoning_tokens.saturating_add(other.reasoning_tokens);
+        self.micro_usd = self.micro_usd.saturating_add(other.micro_usd);
+    }
+
+    pub fn is_zero(&self) -> bool {
+        *self == UsageDelta::default()
+    }
+
+    /// This usage as settled spend, for [`crate::budget::PeriodSpend::preload`].
+    pub fn to_spend_snapshot(&self) -> SpendSnapshot {
+        SpendSnapshot {
+            tokens: self.tokens(),
+            micro_usd: self.micro_usd,
+            input_tokens: self.input_tokens,
+            cached_input_tokens: self.cached_input_tokens,
+            output_tokens: self.output_tokens,
+            reasoning_tokens: self.reasoning_tokens,
+            requests: self.requests,
+            reserved_tokens: 0,
+            reserved_micro_usd: 0,
+        }
+    }
+}
+
+/// The days `[from, until)` of the period of `kind` that holds `now`, for [`Ledger::spend`]:
+/// `until` is `None` for [`Period::Total`], which starts on 1970-01-01.
+pub fn period_days(kind: Period, now: DateTime<Utc>) -> (NaiveDate, Option<NaiveDate>) {
+    let (start, end) = kind.bounds(now);
+    let day = |seconds: i64| DateTime::from_timestamp(seconds, 0).map(|t| t.date_naive());
+    let from = day(start).unwrap_or(NaiveDate::MIN);
+    (from, end.and_then(day))
+}
+
+/// One key's pending usage: independent counters, each taken whole by `swap(0)`.
+#[derive(Debug, Default)]
+struct DeltaCell {
+    requests: AtomicU64,
+    input_tokens: AtomicU64,
+    cached_input_tokens: AtomicU64,
+    output_tokens: AtomicU64,
+    reasoning_tokens: AtomicU64,
+    micro_usd: AtomicU64,
+}
+
+impl DeltaCell {
+    fn counters(&self) -> [&AtomicU64; 6] {
+        [
+            &self.requests,
+            &self.input_tokens,
+            &self.cached_input_tokens,
+            &self.output_tokens,
+            &self.reasoning_tokens,
+            &self.micro_usd,
+        ]
+    }
+
+    fn add(&self, delta: &UsageDelta) {
+        let values = [
+            delta.requests,
+            delta.input_tokens,
+            delta.cached_input_tokens,
+            delta.output_tokens,
+            delta.reasoning_tokens,
+            delta.micro_usd,
+        ];
+        for (counter, value) in self.counters().into_iter().zip(values) {
+            // Relaxed: each counter is its own sum and is taken by an atomic swap, which sees
+            // every add before it in the counter's modification order; no other memory is
+            // published through these counters.
+            if value != 0 {
+                counter.fetch_add(value, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Takes everything added so far. Each add lands either before a counter's swap (taken
+    /// now) or after it (left for the next take), never both and never neither. The counters
+    /// of one add may be split between two takes; their sums are still exact.
+    fn take(&self) -> UsageDelta {
+        // Relaxed: see `add`.
+        let [requests, input_tokens, cached_input_tokens, output_tokens, reasoning_tokens, micro_usd] =
+            self.counters().map(|c| c.swap(0, Ordering::Relaxed));
+        UsageDelta {
+            requests,
+            input_tokens,
+            cached_input_tokens,
+            output_tokens,
+            reasoning_tokens,
+            micro_usd,
+        }
+    }
+
+    fn is_zero(&self) -> bool {
+        // Relaxed is enough: it is called only under the map's shard write lock, which orders
+        // it after every add made under that shard's read lock.
+        self.counters()
+            .iter()
+            .all(|c| c.load(Ordering::Relaxed) == 0)
+    }
+}
+
+/// Usage settled but not yet written to the ledger.
+///
+/// The cells are `DashMap` values, not `Arc`s handed out: an add holds the shard's read lock
+/// (shared with every other add) only for its few atomic adds, and that is what lets a drain
+/// remove an idle cell safely. A cell is removed under the shard's write lock, so no add can
+/// be between finding the cell and adding to it; an add that comes later misses and makes a
+/// new cell.
+#[derive(Debug, Default)]
+pub struct Pending {
+    cells: DashMap<UsageKey, DeltaCell>,
+}
+
+impl Pending {
+    pub fn new() -> Self {
+        Pending::default()
+    }
+
+    /// Adds `delta` to `key`'s pending usage. The hot path: a `get` (no allocation), atomic
+    /// adds, and an `entry` (which clones the key) only the first time a key is seen.
+    pub fn add(&self, key: &UsageKey, delta: &UsageDelta) {
+        if let Some(cell) = self.cells.get(key) {
+            cell.add(delta);
+            return;
+        }
+        self.cells.entry(key.clone()).or_default().add(delta);
+    }
+
+    /// Takes all pending usage, one entry per key with a non-zero delta, and forgets the idle
+    /// cells of days before yesterday (requests admitted yesterday may still be settling).
+    pub fn drain(&self) -> Vec<(UsageKey, UsageDelta)> {
+        self.drain_at(Utc::now().date_naive())
+    }
+
+    fn drain_at(&self, today: NaiveDate) -> Vec<(UsageKey, UsageDelta)> {
+        let oldest_kept = today.checked_sub_days(Days::new(1)).unwrap_or(today);
+        let mut batch = Vec::new();
+        let mut idle = Vec::new();
+        for cell in self.cells.iter() {
+            let delta = cell.value().take();
+            if !delta.is_zero() {
+                batch.push((cell.key().clone(), delta));
+            } else if cell.key().day < oldest_kept {
+                idle.push(cell.key().clone());
+            }
+        }
+        // The iterator's read locks are released: removing while iterating would deadlock.
+        for key in idle {
+            // Checked again under the write lock: an add may have come in since the take.
+            self.cells.remove_if(&key, |_, cell| cell.is_zero());
+        }
+        batch
+    }
+
+    /// Puts back a batch that could not be written, to be taken by a later drain.
+    pub fn restore(&self, batch: &[(UsageKey, UsageDelta)]) {
+        for (key, delta) in batch {
+            self.add(key, delta);
+        }
+    }
+
+    /// How many keys have a cell (for metrics and tests).
+    pub fn keys(&self) -> usize {
+        self.cells.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn day(text: &str) -> NaiveDate {
+        text.parse().unwrap()
+    }
+
+    fn key(project: &str, model: &str, on: &str) -> UsageKey {
+        UsageKey {
+            project: Arc::from(project),
+            credential: Arc::from("c"),
+            model: Arc::from(model),
+            day: day(on),
+        }
+    }
+
+    fn delta(n: u64) -> UsageDelta {
+        UsageDelta {
+            requests: 1,
+            input_tokens: n,
+            cached_input_tokens: n / 2,
+            output_tokens: 2 * n,
+            reasoning_tokens: n / 3,
+            micro_usd: 7 * n,
+        }
+    }
+
+    fn total(batches: &[Vec<(UsageKey, UsageDelta)>]) -> UsageDelta {
+        let mut sum = UsageDelta::default();
+        for (_, d) in batches.iter().flatten() {
+            sum.add(d);
+        }
+        sum
+    }
+
+    #[test]
+    fn delta_arithmetic() {
+        let mut a = delta(10);
+        assert_eq!(a.tokens(), 30);
+        a.add(&delta(20));
+        assert_eq!(
+            a,
+            UsageDelta {
+                requests: 2,
+                input_tokens: 30,
+                cached_input_tokens: 15,
+                output_tokens: 60,
+                reasoning_tokens: 9,
+                micro_usd: 210,
+            }
+        );
+        assert!(!a.is_zero());
+        assert!(UsageDelta::default().is_zero());
+        let usage = Usage {
+            input_tokens: 5,
+            cached_input_tokens: 1,
+            output_tokens: 3,
+            reasoning_tokens: 2,
+        };
+        let one = UsageDelta::request(&usage, 42);
+        assert_eq!(one.requests, 1);
+        assert_eq!(one.tokens(), usage.total());
+        let snap = one.to_spend_snapshot();
+        assert_eq!((snap.tokens, snap.micro_usd, snap.requests), (8, 42, 1));
+        assert_eq!((snap.reserved_tokens, snap.reserved_micro_usd), (0, 0));
+    }
+
+    #[test]
+    fn period_days_match_period_bounds() {
+        let now: DateTime<Utc> = "2026-11-26T12:00:00Z".parse().unwrap();
+        assert_eq!(
+            period_days(Period::Daily, now),
+            (day("2026-11-26"), Some(day("2026-11-27")))
+        );
+        assert_eq!(
+            period_days(Period::Weekly, now),
+            (day("2026-11-23"), Some(day("2026-11-30")))
+        );
+        assert_eq!(
+            period_days(Period::Monthly, now),
+            (day("2026-11-01"), Some(day("2026-12-01")))
+        );
+        assert_eq!(period_days(Period::Total, now), (day("1970-01-01"), None));
+    }
+
+    #[test]
+    fn drain_takes_sums_per_key_and_skips_zero_deltas() {
+        let pending = Pending::new();
+        let a = key("p", "m1", "2026-11-26");
+        let b = key("p", "m2", "2026-11-26");
+        pending.add(&a, &delta(1));
+        pending.add(&a, &delta(2));
+        pending.add(&b, &delta(3));
+        pending.add(&b, &UsageDelta::default());
+        let mut batch = pending.drain_at(day("2026-11-26"));
+        batch.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut expected_a = delta(1);
+        expected_a.add(&delta(2));
+        assert_eq!(batch, vec![(a.clone(), expected_a), (b, delta(3))]);
+        assert!(pending.drain_at(day("2026-11-26")).is_empty());
+        assert_eq!(pending.keys(), 2, "today's cells are kept for reuse");
+
+        pending.restore(&[(a.clone(), delta(5))]);
+        assert_eq!(pending.drain_at(day("2026-11-26")), vec![(a, delta(5))]);
+    }
+
+    #[test]
+    fn drain_forgets_idle_cells_older_than_yesterday() {
+        let pending = Pending::new();
+        let old = key("p", "m", "2026-11-24");
+        let yesterday = key("p", "m", "2026-11-25");
+        let today = key("p", "m", "2026-11-26");
+        for k in [&old, &yesterday, &today] {
+            pending.add(k, &delta(1));
+        }
+        // The first drain takes the old cell's usage; the cell is not idle yet.
+        assert_eq!(pending.drain_at(day("2026-11-26")).len(), 3);
+        assert_eq!(pending.keys(), 3);
+        assert!(pending.drain_at(day("2026-11-26")).is_empty());
+        assert_eq!(pending.keys(), 2, "the idle cell of 11-24 is gone");
+        // A late settle of an old day makes a fresh cell and is not lost.
+        pending.add(&old, &delta(9));
+        assert_eq!(pending.drain_at(day("2026-11-26")), vec![(old, delta(9))]);
+    }
+
+    /// Adders race a drainer: every increment is taken exactly once, whether it lands in a
+    /// cell before or after a swap, and whether the drainer is removing cells meanwhile.
+    fn concurrent_adds_are_drained_exactly_once(today: NaiveDate) {
+        const THREADS: u64 = 4;
+        const ADDS: u64 = 20_000;
+        let pending = Pending::new();
+        let keys: Vec<UsageKey> = (0..6)
+            .map(|i| key(&format!("p{}", i % 3), &format!("m{}", i % 2), "2026-11-20"))
+            .collect();
+        let done = AtomicU64::new(0);
+        let mut drained = Vec::new();
+        std::thread::scope(|s| {
+            for t in 0..THREADS {
+                let (pending, keys, done) = (&pending, &keys, &done);
+                s.spawn(move || {
+                    for i in 0..ADDS {
+                        let k = &keys[((t + i) % keys.len() as u64) as usize];
+                        pending.add(k, &delta(i % 97 + 1));
+                    }
+                    done.fetch_add(1, Ordering::Release);
+                });
+            }
+            let drainer = s.spawn(|| {
+                let mut batches = Vec::new();
+                loop {
+                    let finished = done.load(Ordering::Acquire) == THREADS;
+                    batches.push(pending.drain_at(today));
+                    if finished {
+                        return batches;
+                    }
+                }
+            });
+            drained = drainer.join().unwrap();
+        });
+        drained.push(pending.drain_at(today));
+
+        let mut expected = UsageDelta::default();
+        for _ in 0..THREADS {
+            for i in 0..ADDS {
+                expected.add(&delta(i % 97 + 1));
+            }
+        }
+        assert_eq!(total(&drained), expected);
+        assert_eq!(expected.requests, THREADS * ADDS);
+    }
+
+    #[test]
+    fn concurrent_adds_are_drained_exactly_once_keeping_cells() {
+        concurrent_adds_are_drained_exactly_once(day("2026-11-20"));
+    }
+
+    #[test]
+    fn concurrent_adds_are_drained_exactly_once_removing_cells() {
+        // Every cell is of a past day: each drain that finds one idle removes it, so adds keep
+        // racing the removal and re-creating cells.
+        concurrent_adds_are_drained_exactly_once(day("2026-12-31"));
+    }
+}
