@@ -170,10 +170,27 @@ impl Body for ProxyBody {
                         if let Some(meter) = watch.meter.as_mut() {
                             meter.observe(&frame);
                         }
-                        let out = match watch.filter.as_mut() {
+                        let mut out = match watch.filter.as_mut() {
                             Some(filter) => filter.push(&frame),
                             None => frame,
                         };
+                        if inner.is_end_stream() {
+                            // A body of known length ends with its last byte: hyper may not
+                            // poll again, so settle it as complete now.
+                            watch.ended = true;
+                            if let Some(filter) = watch.filter.as_mut() {
+                                let tail = filter.finish();
+                                if !tail.is_empty() {
+                                    let mut joined = bytes::BytesMut::from(&out[..]);
+                                    joined.extend_from_slice(&tail);
+                                    out = joined.freeze();
+                                }
+                            }
+                            watch.finish(Ending::Complete);
+                            if out.is_empty() {
+                                return Poll::Ready(None);
+                            }
+                        }
                         if out.is_empty() {
                             // The filter held the bytes back; read on rather than send nothing.
                             continue;

@@ -67,6 +67,55 @@ pub enum StartError {
     Tls(#[from] server::TlsError),
     #[error(transparent)]
     Upstream(#[from] upstream::UpstreamError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+}
+
+/// Opens the ledger, loads each project's spend in its current period from it, and starts
+/// the writer that flushes settled usage every `store.flush_interval_ms`.
+pub fn open_store(state: &AppState) -> Result<store::Flusher, StartError> {
+    let live = state.live.load();
+    let store = &live.config.store;
+    let ledger = store::Ledger::open(&store.path)?;
+    let now = chrono::Utc::now();
+    for (project, project_state) in live.config.projects.iter().zip(live.states.iter()) {
+        let kind = project.budget.map_or(period::Period::Monthly, |b| b.period);
+        let (from, until) = store::period_days(kind, now);
+        let spent = ledger.spend(&project.name, from, until)?;
+        if !spent.is_zero() {
+            project_state
+                .account
+                .period(kind, now)
+                .preload(&spent.to_spend_snapshot());
+            tracing::info!(
+                project = %project.name,
+                tokens = spent.tokens(),
+                requests = spent.requests,
+                "loaded this period's spend from the ledger"
+            );
+        }
+    }
+    Ok(store::Flusher::spawn(
+        ledger,
+        state.pending.clone(),
+        store.flush_interval,
+    )?)
+}
+
+/// Everything `tollgate serve` does once the config is loaded: open the ledger, serve until
+/// `shutdown`, drain, and write the last usage to the ledger before returning.
+pub async fn serve(
+    state: Arc<AppState>,
+    listeners: Listeners,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), StartError> {
+    let flusher = open_store(&state)?;
+    let served = run(state, listeners, shutdown).await;
+    // After the drain: every request has settled, so the final flush holds all of it.
+    let flushed = flusher.shutdown().await;
+    served?;
+    flushed?;
+    Ok(())
 }
 
 /// Serves the proxy and admin listeners until `shutdown` turns true, then stops accepting,

@@ -258,7 +258,7 @@ fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
         };
         let (stop, stopped) = watch::channel(false);
         let signals = tokio::spawn(signals(state.clone(), stop));
-        let result = tollgate::run(state, listeners, stopped).await;
+        let result = tollgate::serve(state, listeners, stopped).await;
         signals.abort();
         match result {
             Ok(()) => {

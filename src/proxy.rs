@@ -38,6 +38,7 @@ use crate::error::{budget_message, ProxyError};
 use crate::inspect::{self, Inspected};
 use crate::projects::ProjectState;
 use crate::state::{AppState, Live};
+use crate::store::{UsageDelta, UsageKey};
 use crate::usage::{Encoding, Format, Meter, Report, Usage, UsageChunkFilter};
 
 /// Largest `GET /v1/models` answer tollgate reads to filter it.
@@ -262,6 +263,8 @@ async fn forward(
     *outgoing.headers_mut() = headers;
 
     let mut settlement = Settlement {
+        app: state.clone(),
+        admitted: now.date_naive(),
         live: live.clone(),
         project: who.project,
         state: project_state.clone(),
@@ -583,6 +586,9 @@ impl Drop for InFlight {
 /// The end of a forwarded request: replaces the reservation with the real charge and records
 /// it. Runs once, from the response body (see `body::Watch`) or from the early exits above.
 struct Settlement {
+    app: Arc<AppState>,
+    /// The UTC day the request was admitted: its ledger row.
+    admitted: chrono::NaiveDate,
     live: Arc<Live>,
     project: usize,
     state: Arc<ProjectState>,
@@ -647,8 +653,21 @@ impl Settlement {
                 self.state
                     .cell(&self.credential, &label)
                     .add(&usage, micro_usd);
+                self.to_ledger(&label, &usage, micro_usd);
             }
         }
+    }
+
+    fn to_ledger(&self, model: &Arc<str>, usage: &Usage, micro_usd: u64) {
+        let key = UsageKey {
+            project: self.state.name.clone(),
+            credential: self.credential.clone(),
+            model: model.clone(),
+            day: self.admitted,
+        };
+        self.app
+            .pending
+            .add(&key, &UsageDelta::request(usage, micro_usd));
     }
 
     /// Replaces the reservation with the charge for `usage`; returns the model label and cost.
@@ -698,6 +717,7 @@ impl Settlement {
         self.state
             .cell(&self.credential, &label)
             .add(&usage, micro_usd);
+        self.to_ledger(&label, &usage, micro_usd);
         let status = if self.status == 0 {
             StatusCode::BAD_GATEWAY.as_u16()
         } else {

@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::projects::{ProjectState, Projects};
+use crate::store::Pending;
 use crate::upstream::Upstream;
 
 /// One config and the project state resolved for it.
@@ -32,6 +33,8 @@ pub struct AppState {
     pub upstream: Upstream,
     /// Requests refused before a project was known (no or bad token).
     pub unauthenticated: ProjectState,
+    /// Settled usage not yet written to the ledger.
+    pub pending: Arc<Pending>,
     pub ready: AtomicBool,
 }
 
@@ -48,6 +51,7 @@ impl AppState {
             metrics,
             upstream,
             unauthenticated,
+            pending: Arc::new(Pending::new()),
             ready: AtomicBool::new(false),
         }))
     }

@@ -475,6 +475,8 @@ async fn a_stream_that_asked_for_usage_passes_byte_identical() {
         ("x-mock-created", "1760000000"),
         ("x-mock-split", "7"),
     ];
+    mock.reseed(7);
+    twin.reseed(7);
     let through = stream_body(&proxy.url("/v1/chat/completions"), &headers, &body).await;
     headers[0] = ("authorization", direct_auth.as_str());
     let direct = stream_body(
@@ -522,9 +524,13 @@ async fn a_stream_without_usage_gets_it_added_upstream_and_removed_downstream() 
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     assert_eq!(
         text.matches("data: ").count(),
-        20 + 2,
-        "20 content chunks, the final chunk, [DONE]"
+        1 + 20 + 1 + 1,
+        "the role chunk, 20 content chunks, the final chunk, [DONE]: {text}"
     );
+    for event in text.split("\n\n").filter(|e| e.starts_with("data: {")) {
+        let chunk: serde_json::Value = serde_json::from_str(&event[6..]).unwrap();
+        assert_eq!(chunk["choices"].as_array().unwrap().len(), 1, "{event}");
+    }
 
     let forwarded: serde_json::Value = serde_json::from_slice(&mock.requests()[0].body).unwrap();
     assert_eq!(forwarded["stream_options"]["include_usage"], true);
@@ -570,8 +576,8 @@ async fn streamed_responses_are_counted_from_their_final_event() {
 
 #[tokio::test]
 async fn compressed_answers_pass_unchanged_and_are_counted() {
-    let (_mock, proxy) = setup().await;
-    // The twin gets the same requests in the same order, so its answers are the same bytes.
+    let (mock, proxy) = setup().await;
+    // The twin is seeded like the mock before each request, so its answers are the same bytes.
     let twin = MockUpstream::start().await;
     let auth = format!("Bearer {TOKEN}");
     let direct_auth = format!("Bearer {REAL_KEY}");
@@ -591,6 +597,8 @@ async fn compressed_answers_pass_unchanged_and_are_counted() {
                 ("x-mock-usage", "100,7"),
                 ("x-mock-created", "1760000000"),
             ];
+            mock.reseed(7);
+            twin.reseed(7);
             let through = stream_body(&proxy.url("/v1/chat/completions"), &headers, &body).await;
             assert_eq!(through.0.status, StatusCode::OK);
             assert_eq!(through.0.headers["content-encoding"], encoding);

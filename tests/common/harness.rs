@@ -27,6 +27,9 @@ pub fn sha256_hex(token: &str) -> String {
 }
 
 pub struct TestProxy {
+    /// The ledger file (in a temporary directory of the test's own).
+    pub ledger: PathBuf,
+    _dir: tempfile::TempDir,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub state: Arc<AppState>,
@@ -55,7 +58,23 @@ pub fn load(toml: &str) -> tollgate::config::Config {
 
 impl TestProxy {
     pub async fn start(toml: &str) -> TestProxy {
-        let config = load(toml);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = dir.path().join("ledger.db");
+        Self::start_with_ledger(toml, dir, ledger).await
+    }
+
+    /// Starts with the ledger at `ledger` (kept in `dir`), unless the config has a `[store]`.
+    pub async fn start_with_ledger(
+        toml: &str,
+        dir: tempfile::TempDir,
+        ledger: PathBuf,
+    ) -> TestProxy {
+        let toml = if toml.contains("[store]") {
+            toml.to_owned()
+        } else {
+            format!("{toml}\n[store]\npath = \"{}\"\n", ledger.display())
+        };
+        let config = load(&toml);
         let state = AppState::new(config).expect("state");
         let listeners = Listeners {
             proxy: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
@@ -66,11 +85,13 @@ impl TestProxy {
         let (stop, stopped) = watch::channel(false);
         let run_state = state.clone();
         let task = tokio::spawn(async move {
-            tollgate::run(run_state, listeners, stopped)
+            tollgate::serve(run_state, listeners, stopped)
                 .await
                 .expect("tollgate runs");
         });
         TestProxy {
+            ledger,
+            _dir: dir,
             addr,
             admin,
             state,

@@ -162,6 +162,12 @@ impl MockUpstream {
 
     /// Tokens put in each response's usage from now on (cached and reasoning stay 0), unless a
     /// request's `x-mock-usage` header says otherwise.
+    /// Restarts the id sequence at `seed`, so that two mocks given the same seed and the same
+    /// requests answer with the same bytes.
+    pub fn reseed(&self, seed: u64) {
+        self.shared.next_id.store(seed, Ordering::Relaxed);
+    }
+
     pub fn set_default_usage(&self, input: u64, output: u64) {
         *lock(&self.shared.default_usage) = (input, output);
     }

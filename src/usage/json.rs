@@ -1,0 +1,772 @@
+//! Incremental JSON scanner: finds the `usage` object and the `model` string of a JSON document
+//! fed in arbitrary pieces, without parsing the rest of it.
+//!
+//! It is a small tokenizer (depth, in-string, escape, current key) that watches the members of
+//! the top-level object and, when asked, of the object under its top-level `response` key. Only
+//! the bytes of a watched `usage` value and of a watched `model` string are kept, each in a
+//! capped buffer; the captured usage is then deserialized by serde into a small struct.
+//!
+//! Invariants: memory is bounded (a few fixed fields plus two capped, reused buffers) whatever
+//! the document's size; strings are skipped with `memchr`; and what the scanner finds depends only
+//! on the bytes fed, never on where they were split.
+
+use memchr::memchr2;
+use serde::Deserialize;
+
+use super::Usage;
+
+/// Largest `usage` value kept; a longer one is reported as malformed rather than buffered.
+pub(crate) const MAX_USAGE_BYTES: usize = 16 * 1024;
+/// Largest `model` string kept (with its quotes); a longer one is ignored.
+pub(crate) const MAX_MODEL_BYTES: usize = 1024;
+/// Longest key we need to recognise (`response`, `choices`); longer keys are "other".
+const KEY_BUF: usize = 8;
+
+/// What a scanner found so far.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Findings {
+    /// The last well-formed usage object seen.
+    pub(crate) usage: Option<Usage>,
+    /// The first `model` string seen.
+    pub(crate) model: Option<String>,
+    /// A usage value was present but unreadable (sticky).
+    pub(crate) malformed: bool,
+}
+
+/// The watched keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Key {
+    Other,
+    Usage,
+    Model,
+    Response,
+    Choices,
+}
+
+/// The value being captured, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Capture {
+    None,
+    /// A usage object (or array): ends when the depth drops back to `depth`.
+    UsageContainer {
+        depth: u32,
+    },
+    /// A usage string (always malformed, but captured so it is judged whole).
+    UsageString,
+    /// A usage literal (`null`, a number, ...): ends at the next delimiter.
+    UsageLiteral,
+    /// A `model` string, quotes included.
+    Model,
+}
+
+/// Outcome of reading a captured usage value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Parsed {
+    Null,
+    Usage(Usage),
+    Malformed,
+}
+
+/// Streaming scanner for one or more JSON documents (one per SSE event, reset between them).
+#[derive(Debug)]
+pub(crate) struct JsonScanner {
+    /// Also watch the object under the top-level `response` key (Responses API stream events).
+    nested_response: bool,
+    depth: u32,
+    in_string: bool,
+    escape: bool,
+    /// The container at depth 1 is an object (so its members are watched).
+    top_is_object: bool,
+    /// The container at depth 2 is the object value of the top-level `response` key.
+    response_is_object: bool,
+    /// In a watched object, the next string is a key.
+    expect_key: bool,
+    /// The current string is a key of a watched object.
+    reading_key: bool,
+    key_buf: [u8; KEY_BUF],
+    /// Length of the key read so far; past `KEY_BUF` the key matches nothing.
+    key_len: usize,
+    /// The last key read in a watched object, until its value starts.
+    key: Key,
+    /// Saw the `:` after a watched key; the next significant byte starts its value.
+    awaiting_value: bool,
+    /// Just opened the top-level `choices` array; the next significant byte tells if it is empty.
+    choices_open: bool,
+    capture: Capture,
+    usage_buf: Vec<u8>,
+    usage_overflow: bool,
+    model_buf: Vec<u8>,
+    model_overflow: bool,
+    /// The current document has a top-level `usage` that is not `null`.
+    doc_usage_non_null: bool,
+    /// The current document has a top-level `"choices": []`.
+    doc_choices_empty: bool,
+    found: Findings,
+}
+
+impl Default for JsonScanner {
+    fn default() -> Self {
+        Self::new(false)
+    }
+}
+
+impl JsonScanner {
+    /// A scanner that watches top-level members, and with `nested_response` also the members of
+    /// the top-level `response` object.
+    pub(crate) fn new(nested_response: bool) -> Self {
+        JsonScanner {
+            nested_response,
+            depth: 0,
+            in_string: false,
+            escape: false,
+            top_is_object: false,
+            response_is_object: false,
+            expect_key: false,
+            reading_key: false,
+            key_buf: [0; KEY_BUF],
+            key_len: 0,
+            key: Key::Other,
+            awaiting_value: false,
+            choices_open: false,
+            capture: Capture::None,
+            usage_buf: Vec::new(),
+            usage_overflow: false,
+            model_buf: Vec::new(),
+            model_overflow: false,
+            doc_usage_non_null: false,
+            doc_choices_empty: false,
+            found: Findings::default(),
+        }
+    }
+
+    /// Feeds the next bytes of the document.
+    pub(crate) fn feed(&mut self, input: &[u8]) {
+        let mut rest = input;
+        while let Some((&b, tail)) = rest.split_first() {
+            if self.in_string {
+                let used = self.feed_string(rest);
+                rest = rest.get(used..).unwrap_or_default();
+            } else {
+                self.feed_byte(b);
+                rest = tail;
+            }
+        }
+    }
+
+    /// Ends the current document (an SSE event ended): a usage value still open is judged as
+    /// cut off, then the tokenizer is reset for the next document. Findings are kept.
+    pub(crate) fn end_document(&mut self) {
+        match self.capture {
+            Capture::UsageContainer { .. } | Capture::UsageString => self.found.malformed = true,
+            Capture::UsageLiteral => self.finish_usage(),
+            Capture::Model | Capture::None => {}
+        }
+        self.reset();
+    }
+
+    /// What was found, judging a usage value still being captured as if the input ended here.
+    pub(crate) fn findings(&self) -> Findings {
+        let mut found = self.found.clone();
+        match self.capture {
+            Capture::UsageContainer { .. } | Capture::UsageString => found.malformed = true,
+            Capture::UsageLiteral => match parse_usage(&self.usage_buf) {
+                Parsed::Null => {}
+                Parsed::Usage(usage) => found.usage = Some(usage),
+                Parsed::Malformed => found.malformed = true,
+            },
+            Capture::Model | Capture::None => {}
+        }
+        found
+    }
+
+    /// The current document is a usage-only chunk so far: top-level `"choices": []` and a
+    /// top-level `usage` that is not `null`.
+    pub(crate) fn is_usage_only_chunk(&self) -> bool {
+        self.doc_choices_empty && self.doc_usage_non_null
+    }
+
+    /// Capacity held by the capture buffers (for tests of the memory bound).
+    #[cfg(test)]
+    pub(crate) fn buffered_capacity(&self) -> usize {
+        self.usage_buf.capacity() + self.model_buf.capacity()
+    }
+
+    fn reset(&mut self) {
+        self.depth = 0;
+        self.in_string = false;
+        self.escape = false;
+        self.top_is_object = false;
+        self.response_is_object = false;
+        self.expect_key = false;
+        self.reading_key = false;
+        self.key_len = 0;
+        self.key = Key::Other;
+        self.awaiting_value = false;
+        self.choices_open = false;
+        self.capture = Capture::None;
+        self.doc_usage_non_null = false;
+        self.doc_choices_empty = false;
+    }
+
+    fn watched(&self) -> bool {
+        (self.depth == 1 && self.top_is_object) || (self.depth == 2 && self.response_is_object)
+    }
+
+    /// Consumes string content up to and including the next quote or escape; returns the
+    /// number of bytes used (at least one, `input` is not empty).
+    fn feed_string(&mut self, input: &[u8]) -> usize {
+        if self.escape {
+            // The escaped byte (for `\uXXXX` the `u`; the hex digits follow as plain content).
+            self.escape = false;
+            self.capture_bytes(input.get(..1).unwrap_or_default());
+            return 1;
+        }
+        match memchr2(b'"', b'\\', input) {
+            None => {
+                self.string_content(input);
+                input.len()
+            }
+            Some(pos) => {
+                self.string_content(input.get(..pos).unwrap_or_default());
+                self.capture_bytes(input.get(pos..=pos).unwrap_or_default());
+                if input.get(pos) == Some(&b'\\') {
+                    self.escape = true;
+                    if self.reading_key {
+                        // Escaped keys never match the plain names we look for.
+                        self.key_len = KEY_BUF + 1;
+                    }
+                } else {
+                    self.in_string = false;
+                    self.end_string();
+                }
+                pos + 1
+            }
+        }
+    }
+
+    fn string_content(&mut self, bytes: &[u8]) {
+        self.capture_bytes(bytes);
+        if self.reading_key {
+            let end = self.key_len.saturating_add(bytes.len());
+            match self.key_buf.get_mut(self.key_len..end) {
+                Some(dst) => {
+                    dst.copy_from_slice(bytes);
+                    self.key_len = end;
+                }
+                None => self.key_len = KEY_BUF + 1,
+            }
+        }
+    }
+
+    fn end_string(&mut self) {
+        if self.reading_key {
+            self.reading_key = false;
+            self.key = self.match_key();
+        }
+        match self.capture {
+            Capture::UsageString => self.finish_usage(),
+            Capture::Model => self.finish_model(),
+            _ => {}
+        }
+    }
+
+    fn match_key(&self) -> Key {
+        match self.key_buf.get(..self.key_len) {
+            Some(b"usage") => Key::Usage,
+            Some(b"model") => Key::Model,
+            Some(b"response") if self.depth == 1 && self.nested_response => Key::Response,
+            Some(b"choices") if self.depth == 1 => Key::Choices,
+            _ => Key::Other,
+        }
+    }
+
+    /// One byte outside any string.
+    fn feed_byte(&mut self, b: u8) {
+        if self.capture == Capture::UsageLiteral {
+            if is_delimiter(b) {
+                self.finish_usage();
+            } else {
+                self.capture_bytes(&[b]);
+                return;
+            }
+        }
+        if is_whitespace(b) {
+            self.capture_bytes(&[b]);
+            return;
+        }
+        if self.choices_open {
+            self.choices_open = false;
+            if b == b']' {
+                self.doc_choices_empty = true;
+            }
+        }
+        let starting = if self.awaiting_value {
+            self.awaiting_value = false;
+            self.begin_value(b)
+        } else {
+            Key::Other
+        };
+        self.capture_bytes(&[b]);
+        match b {
+            b'"' => {
+                self.in_string = true;
+                if self.expect_key && self.watched() {
+                    self.expect_key = false;
+                    self.reading_key = true;
+                    self.key_len = 0;
+                }
+            }
+            b'{' | b'[' => {
+                self.depth = self.depth.saturating_add(1);
+                match self.depth {
+                    1 => {
+                        self.top_is_object = b == b'{';
+                        self.expect_key = self.top_is_object;
+                    }
+                    2 => {
+                        self.response_is_object = starting == Key::Response && b == b'{';
+                        self.expect_key = self.response_is_object;
+                    }
+                    _ => {}
+                }
+            }
+            b'}' | b']' => {
+                self.depth = self.depth.saturating_sub(1);
+                if self.depth < 2 {
+                    self.response_is_object = false;
+                }
+                if self.depth == 0 {
+                    self.top_is_object = false;
+                }
+                self.expect_key = false;
+                if self.capture == (Capture::UsageContainer { depth: self.depth }) {
+                    self.finish_usage();
+                }
+            }
+            b':' if self.watched() => self.awaiting_value = true,
+            b',' if self.watched() => {
+                self.expect_key = true;
+                self.key = Key::Other;
+            }
+            _ => {}
+        }
+    }
+
+    /// The first significant byte of the value of a watched key; starts a capture if the key
+    /// is one we want. Returns the key.
+    fn begin_value(&mut self, b: u8) -> Key {
+        let key = std::mem::replace(&mut self.key, Key::Other);
+        match key {
+            Key::Usage => {
+                if matches!(b, b'}' | b']' | b',' | b':') {
+                    // `"usage":` with no value.
+                    self.found.malformed = true;
+                    return key;
+                }
+                if b != b'n' {
+                    self.doc_usage_non_null = true;
+                }
+                self.usage_buf.clear();
+                self.usage_overflow = false;
+                self.capture = match b {
+                    b'{' | b'[' => Capture::UsageContainer { depth: self.depth },
+                    b'"' => Capture::UsageString,
+                    _ => Capture::UsageLiteral,
+                };
+            }
+            Key::Model => {
+                if b == b'"' && self.found.model.is_none() {
+                    self.model_buf.clear();
+                    self.model_overflow = false;
+                    self.capture = Capture::Model;
+                }
+            }
+            Key::Choices => self.choices_open = b == b'[',
+            Key::Response | Key::Other => {}
+        }
+        key
+    }
+
+    fn capture_bytes(&mut self, bytes: &[u8]) {
+        match self.capture {
+            Capture::None => {}
+            Capture::Model => push_capped(
+                &mut self.model_buf,
+                &mut self.model_overflow,
+                bytes,
+                MAX_MODEL_BYTES,
+            ),
+            Capture::UsageContainer { .. } | Capture::UsageString | Capture::UsageLiteral => {
+                push_capped(
+                    &mut self.usage_buf,
+                    &mut self.usage_overflow,
+                    bytes,
+                    MAX_USAGE_BYTES,
+                )
+            }
+        }
+    }
+
+    fn finish_usage(&mut self) {
+        self.capture = Capture::None;
+        if self.usage_overflow {
+            self.found.malformed = true;
+            return;
+        }
+        match parse_usage(&self.usage_buf) {
+            Parsed::Null => {}
+            Parsed::Usage(usage) => self.found.usage = Some(usage),
+            Parsed::Malformed => self.found.malformed = true,
+        }
+    }
+
+    fn finish_model(&mut self) {
+        self.capture = Capture::None;
+        if !self.model_overflow && self.found.model.is_none() {
+            self.found.model = serde_json::from_slice::<String>(&self.model_buf).ok();
+        }
+    }
+}
+
+fn push_capped(buf: &mut Vec<u8>, overflow: &mut bool, bytes: &[u8], cap: usize) {
+    if *overflow {
+        return;
+    }
+    if buf.len().saturating_add(bytes.len()) > cap {
+        *overflow = true;
+    } else {
+        buf.extend_from_slice(bytes);
+    }
+}
+
+fn is_whitespace(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+/// Ends a literal.
+fn is_delimiter(b: u8) -> bool {
+    is_whitespace(b) || matches!(b, b',' | b'}' | b']' | b':' | b'"' | b'{' | b'[')
+}
+
+/// The usage object as OpenAI spells it across endpoints.
+#[derive(Deserialize)]
+struct RawUsage {
+    /// `"tokens"` or `"duration"` on audio transcriptions; anything else is ignored.
+    #[serde(rename = "type")]
+    kind: Option<serde_json::Value>,
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    prompt_tokens_details: Option<InputDetails>,
+    input_tokens_details: Option<InputDetails>,
+    /// The audio transcription spelling.
+    input_token_details: Option<InputDetails>,
+    completion_tokens_details: Option<OutputDetails>,
+    output_tokens_details: Option<OutputDetails>,
+}
+
+#[derive(Deserialize)]
+struct InputDetails {
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct OutputDetails {
+    reasoning_tokens: Option<u64>,
+}
+
+impl RawUsage {
+    fn into_usage(self) -> Option<Usage> {
+        let input = self.input_tokens.or(self.prompt_tokens);
+        let output = self.output_tokens.or(self.completion_tokens);
+        if input.is_none() && output.is_none() {
+            // Whisper reports seconds of audio, not tokens: a zero-token usage was reported.
+            let duration = self
+                .kind
+                .as_ref()
+                .and_then(serde_json::Value::as_str)
+                .is_some_and(|kind| kind == "duration");
+            return duration.then(Usage::default);
+        }
+        let cached = [
+            self.input_tokens_details,
+            self.input_token_details,
+            self.prompt_tokens_details,
+        ]
+        .into_iter()
+        .flatten()
+        .find_map(|details| details.cached_tokens);
+        let reasoning = [self.output_tokens_details, self.completion_tokens_details]
+            .into_iter()
+            .flatten()
+            .find_map(|details| details.reasoning_tokens);
+        Some(Usage {
+            input_tokens: input.unwrap_or(0),
+            cached_input_tokens: cached.unwrap_or(0),
+            output_tokens: output.unwrap_or(0),
+            reasoning_tokens: reasoning.unwrap_or(0),
+        })
+    }
+}
+
+/// Reads a captured usage value: `null`, a usage object, or anything else (malformed).
+fn parse_usage(bytes: &[u8]) -> Parsed {
+    let bytes = bytes.trim_ascii();
+    if bytes == b"null" {
+        return Parsed::Null;
+    }
+    // Serde would also read a struct from an array; only an object is a usage object.
+    if bytes.first() != Some(&b'{') {
+        return Parsed::Malformed;
+    }
+    match serde_json::from_slice::<RawUsage>(bytes).map(RawUsage::into_usage) {
+        Ok(Some(usage)) => Parsed::Usage(usage),
+        Ok(None) | Err(_) => Parsed::Malformed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::usage::fixtures;
+
+    fn scan(body: &str) -> Findings {
+        let mut scanner = JsonScanner::new(false);
+        scanner.feed(body.as_bytes());
+        scanner.findings()
+    }
+
+    fn usage(input: u64, cached: u64, output: u64, reasoning: u64) -> Option<Usage> {
+        Some(Usage {
+            input_tokens: input,
+            cached_input_tokens: cached,
+            output_tokens: output,
+            reasoning_tokens: reasoning,
+        })
+    }
+
+    fn found(usage: Option<Usage>, model: Option<&str>) -> Findings {
+        Findings {
+            usage,
+            model: model.map(str::to_owned),
+            malformed: false,
+        }
+    }
+
+    #[test]
+    fn chat_completion_with_cached_and_reasoning_tokens() {
+        assert_eq!(
+            scan(fixtures::CHAT_JSON),
+            found(usage(1200, 1024, 300, 192), Some("o4-mini-2025-04-16"))
+        );
+    }
+
+    #[test]
+    fn legacy_completion() {
+        assert_eq!(
+            scan(fixtures::LEGACY_JSON),
+            found(usage(6, 0, 16, 0), Some("gpt-3.5-turbo-instruct"))
+        );
+    }
+
+    #[test]
+    fn embeddings_have_no_completion_tokens() {
+        assert_eq!(
+            scan(fixtures::EMBEDDINGS_JSON),
+            found(usage(8, 0, 0, 0), Some("text-embedding-3-small"))
+        );
+    }
+
+    #[test]
+    fn responses_body() {
+        assert_eq!(
+            scan(fixtures::RESPONSES_JSON),
+            found(usage(2048, 1536, 410, 256), Some("o3-2025-04-16"))
+        );
+    }
+
+    #[test]
+    fn image_generation() {
+        assert_eq!(
+            scan(fixtures::IMAGES_JSON),
+            found(usage(50, 0, 4160, 0), None)
+        );
+    }
+
+    #[test]
+    fn audio_transcription_tokens_and_singular_details() {
+        assert_eq!(scan(fixtures::AUDIO_JSON), found(usage(31, 0, 12, 0), None));
+    }
+
+    #[test]
+    fn whisper_duration_is_a_zero_token_usage() {
+        assert_eq!(
+            scan(fixtures::WHISPER_JSON),
+            found(Some(Usage::default()), None)
+        );
+    }
+
+    #[test]
+    fn moderations_have_no_usage() {
+        assert_eq!(
+            scan(fixtures::MODERATION_JSON),
+            found(None, Some("omni-moderation-2024-09-26"))
+        );
+    }
+
+    #[test]
+    fn error_body_has_no_usage() {
+        assert_eq!(scan(fixtures::ERROR_JSON), found(None, None));
+    }
+
+    #[test]
+    fn usage_null_is_not_malformed() {
+        assert_eq!(
+            scan(r#"{"model":"m","usage":null}"#),
+            found(None, Some("m"))
+        );
+        assert_eq!(scan(r#"{"usage" : null , "x":1}"#), found(None, None));
+    }
+
+    #[test]
+    fn details_absent_or_null_count_as_zero() {
+        let body = r#"{"usage":{"prompt_tokens":5,"completion_tokens":7,
+            "prompt_tokens_details":null,"completion_tokens_details":{"audio_tokens":1}}}"#;
+        assert_eq!(scan(body), found(usage(5, 0, 7, 0), None));
+        let body = r#"{"usage":{"input_tokens":5,"output_tokens":7,"output_tokens_details":null}}"#;
+        assert_eq!(scan(body), found(usage(5, 0, 7, 0), None));
+    }
+
+    #[test]
+    fn wrong_types_are_malformed() {
+        for body in [
+            r#"{"usage":{"prompt_tokens":"12","completion_tokens":3}}"#,
+            r#"{"usage":{"prompt_tokens":-1,"completion_tokens":3}}"#,
+            r#"{"usage":{"prompt_tokens":1.5,"completion_tokens":3}}"#,
+            r#"{"usage":{"input_tokens":1,"output_tokens":true}}"#,
+            r#"{"usage":{"input_tokens":1,"input_tokens_details":{"cached_tokens":"1"}}}"#,
+            r#"{"usage":{"input_tokens":1,"input_tokens_details":7}}"#,
+            r#"{"usage":{"prompt_tokens":1,"prompt_tokens":2}}"#,
+            r#"{"usage":{"prompt_tokens":99999999999999999999999}}"#,
+            r#"{"usage":{}}"#,
+            r#"{"usage":{"type":"tokens"}}"#,
+            r#"{"usage":[12,3]}"#,
+            r#"{"usage":"12"}"#,
+            r#"{"usage":12}"#,
+            r#"{"usage":nul}"#,
+            r#"{"usage":}"#,
+        ] {
+            let got = scan(body);
+            assert_eq!(got.usage, None, "{body}");
+            assert!(got.malformed, "{body}");
+        }
+    }
+
+    #[test]
+    fn truncated_usage_is_malformed_but_truncation_before_it_is_not() {
+        let body = fixtures::CHAT_JSON;
+        let at = body.find("\"usage\"").unwrap_or(0);
+        let before = scan(&body[..at]);
+        assert_eq!(before, found(None, Some("o4-mini-2025-04-16")));
+        let inside = scan(&body[..at + 30]);
+        assert_eq!(inside.usage, None);
+        assert!(inside.malformed);
+    }
+
+    #[test]
+    fn oversized_usage_is_malformed() {
+        let padding = "x".repeat(MAX_USAGE_BYTES);
+        let body = format!(r#"{{"usage":{{"prompt_tokens":1,"note":"{padding}"}}}}"#);
+        let got = scan(&body);
+        assert_eq!(got.usage, None);
+        assert!(got.malformed);
+    }
+
+    #[test]
+    fn only_top_level_keys_count() {
+        let body = r#"{"data":[{"usage":{"prompt_tokens":1},"model":"inner"}],
+            "meta":{"usage":{"prompt_tokens":2}},"text":"\"usage\":{\"prompt_tokens\":3}",
+            "response":{"usage":{"input_tokens":4},"model":"nested"},"model":"outer"}"#;
+        assert_eq!(scan(body), found(None, Some("outer")));
+    }
+
+    #[test]
+    fn nested_response_is_watched_only_when_asked() {
+        let body = r#"{"type":"response.completed","response":{"id":"r","model":"gpt-x",
+            "output":[{"usage":{"input_tokens":100}}],"usage":{"input_tokens":4,"output_tokens":2}}}"#;
+        let mut scanner = JsonScanner::new(true);
+        scanner.feed(body.as_bytes());
+        assert_eq!(scanner.findings(), found(usage(4, 0, 2, 0), Some("gpt-x")));
+    }
+
+    #[test]
+    fn last_well_formed_usage_wins_and_malformed_sticks() {
+        let body =
+            r#"{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":2,"completion_tokens":3}}"#;
+        assert_eq!(scan(body), found(usage(2, 0, 3, 0), None));
+        let body = r#"{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":"x"}}"#;
+        let got = scan(body);
+        assert_eq!(got.usage, usage(1, 0, 0, 0));
+        assert!(got.malformed);
+    }
+
+    #[test]
+    fn model_is_first_string_seen_and_unescaped() {
+        assert_eq!(
+            scan(r#"{"model":"gpt\u002d4o","model":"other"}"#).model,
+            Some("gpt-4o".to_owned())
+        );
+        assert_eq!(
+            scan(r#"{"model":7,"model":"late"}"#).model,
+            Some("late".to_owned())
+        );
+        let long = "m".repeat(MAX_MODEL_BYTES);
+        assert_eq!(scan(&format!(r#"{{"model":"{long}"}}"#)).model, None);
+    }
+
+    #[test]
+    fn escapes_and_tricky_strings_do_not_confuse_the_scanner() {
+        let body = r#"{"a":"he said \"usage\": {\\","b":["}","{"],"c\"":{"usage":1},
+            "usage":{"input_tokens":9,"output_tokens":1}}"#;
+        assert_eq!(scan(body), found(usage(9, 0, 1, 0), None));
+    }
+
+    #[test]
+    fn escaped_key_is_not_matched() {
+        assert_eq!(
+            scan(r#"{"us\u0061ge":{"prompt_tokens":1}}"#),
+            found(None, None)
+        );
+    }
+
+    #[test]
+    fn huge_image_body_is_skipped_with_bounded_memory() {
+        let body = fixtures::big_image_json(5 * 1024 * 1024);
+        let mut scanner = JsonScanner::new(false);
+        for chunk in body.as_bytes().chunks(16 * 1024) {
+            scanner.feed(chunk);
+        }
+        assert_eq!(scanner.findings(), found(usage(50, 0, 4160, 0), None));
+        assert!(scanner.buffered_capacity() <= 2 * MAX_USAGE_BYTES);
+    }
+
+    #[test]
+    fn every_split_point_gives_the_same_findings() {
+        let bodies = [
+            fixtures::CHAT_JSON,
+            fixtures::RESPONSES_JSON,
+            fixtures::AUDIO_JSON,
+            r#"{"usage" : null ,"model" : "a\"b", "x":[1,{"usage":2}],"usage":{"input_tokens":1}}"#,
+        ];
+        for body in bodies {
+            let whole = scan(body);
+            for at in 0..=body.len() {
+                let mut scanner = JsonScanner::new(false);
+                scanner.feed(&body.as_bytes()[..at]);
+                scanner.feed(&body.as_bytes()[at..]);
+                assert_eq!(scanner.findings(), whole, "split at {at}");
+            }
+        }
+    }
+}
