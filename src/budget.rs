@@ -43,6 +43,8 @@ pub struct PeriodSpend {
     output_tokens: AtomicU64,
     reasoning_tokens: AtomicU64,
     requests: AtomicU64,
+    /// Bit `i` set: alert threshold `i` of the project's `alert_at` has fired this period.
+    alerts_fired: AtomicU64,
 }
 
 /// A consistent-enough read of a period's counters, for reports and gauges.
@@ -75,7 +77,37 @@ impl PeriodSpend {
             output_tokens: AtomicU64::new(0),
             reasoning_tokens: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            alerts_fired: AtomicU64::new(0),
         }
+    }
+
+    /// The fraction of `limit` settled so far: the larger of the token and dollar fractions.
+    pub fn fraction_spent(&self, limit: &BudgetLimit) -> f64 {
+        let tokens = limit.tokens.map_or(0.0, |l| {
+            self.spent_tokens.load(Ordering::Relaxed) as f64 / l.max(1) as f64
+        });
+        let usd = limit.micro_usd.map_or(0.0, |l| {
+            self.spent_micro_usd.load(Ordering::Relaxed) as f64 / l.max(1) as f64
+        });
+        tokens.max(usd)
+    }
+
+    /// The thresholds of `alert_at` (by index) that settled spend has reached and that had not
+    /// fired yet this period; each is returned once, to exactly one caller.
+    pub fn crossed(&self, limit: &BudgetLimit, alert_at: &[f64]) -> Vec<usize> {
+        let spent = self.fraction_spent(limit);
+        let mut crossed = Vec::new();
+        for (index, &threshold) in alert_at.iter().enumerate().take(64) {
+            if spent + 1e-9 < threshold {
+                break;
+            }
+            let bit = 1u64 << index;
+            // Relaxed: the bit itself is the whole state; fetch_or hands it to one caller.
+            if self.alerts_fired.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+                crossed.push(index);
+            }
+        }
+        crossed
     }
 
     fn holds(&self, kind: Period, now: i64) -> bool {
@@ -252,10 +284,15 @@ impl Reservation {
 
     /// Replaces the reservation with the real charge.
     pub fn settle(mut self, charge: Charge, usage: &Usage) {
-        self.apply(charge, usage);
+        self.apply(charge, usage, true);
     }
 
-    fn apply(&mut self, charge: Charge, usage: &Usage) {
+    /// Gives the reservation back without counting a request (another check refused it).
+    pub fn cancel(mut self) {
+        self.apply(Charge::default(), &Usage::default(), false);
+    }
+
+    fn apply(&mut self, charge: Charge, usage: &Usage, count: bool) {
         if self.settled {
             return;
         }
@@ -274,7 +311,9 @@ impl Reservation {
             .fetch_add(usage.output_tokens, Ordering::Relaxed);
         p.reasoning_tokens
             .fetch_add(usage.reasoning_tokens, Ordering::Relaxed);
-        p.requests.fetch_add(1, Ordering::Relaxed);
+        if count {
+            p.requests.fetch_add(1, Ordering::Relaxed);
+        }
         adjust(&p.committed_tokens, self.estimate.tokens, charge.tokens);
         adjust(
             &p.committed_micro_usd,
@@ -290,7 +329,7 @@ impl Drop for Reservation {
         if !self.settled {
             tracing::warn!("reservation dropped unsettled; charging its estimate");
             let estimate = self.estimate;
-            self.apply(estimate, &Usage::default());
+            self.apply(estimate, &Usage::default(), true);
         }
     }
 }

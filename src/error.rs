@@ -33,6 +33,20 @@ pub enum ProxyError {
         /// Seconds until the period resets; `None` for a `total` budget, which never does.
         retry_after_secs: Option<u64>,
     },
+    /// Like `BudgetExceeded`, for a credential's own budget.
+    #[error("{message}")]
+    CredentialBudgetExceeded {
+        message: String,
+        retry_after_secs: Option<u64>,
+    },
+    /// OpenAI's words: "Rate limit reached for MODEL in project P on requests per min (RPM)…".
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        /// `requests` or `tokens`, OpenAI's error type for the limit.
+        kind: &'static str,
+        retry_after: std::time::Duration,
+    },
     #[error("we could not parse the JSON body of your request")]
     InvalidJson,
     #[error("invalid type for 'model': expected a string")]
@@ -122,6 +136,20 @@ impl ProxyError {
                 Some("project_spend_limit_exceeded"),
                 None,
                 "budget_exceeded",
+            ),
+            CredentialBudgetExceeded { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                Some("credential_spend_limit_exceeded"),
+                None,
+                "credential_budget_exceeded",
+            ),
+            RateLimited { kind, .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                *kind,
+                Some("rate_limit_exceeded"),
+                None,
+                "rate_limited",
             ),
             InvalidJson => (
                 StatusCode::BAD_REQUEST,
@@ -215,34 +243,49 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let ProxyError::BudgetExceeded {
-            retry_after_secs, ..
-        } = self
-        {
-            // The SDKs retry 429s unless told not to; a spent budget will not come back soon.
-            headers.insert("x-should-retry", HeaderValue::from_static("false"));
-            if let Some(secs) = retry_after_secs {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        match self {
+            ProxyError::BudgetExceeded {
+                retry_after_secs, ..
             }
+            | ProxyError::CredentialBudgetExceeded {
+                retry_after_secs, ..
+            } => {
+                // The SDKs retry 429s unless told not to; a spent budget will not come back
+                // soon.
+                headers.insert("x-should-retry", HeaderValue::from_static("false"));
+                if let Some(secs) = retry_after_secs {
+                    headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                }
+            }
+            ProxyError::RateLimited { retry_after, .. } => {
+                // A rate limit is worth retrying: the SDKs honour these and back off.
+                let ms = u64::try_from(retry_after.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000)));
+                headers.insert("retry-after-ms", HeaderValue::from(ms));
+            }
+            _ => {}
         }
         response
     }
 }
 
 /// The message of a 429 for a spent budget, in the words OpenAI uses for a project limit.
+/// `who` is `Project `NAME`` or `Credential `NAME` of project `NAME``.
 pub fn budget_message(
-    project: &str,
+    who: &str,
     period: &str,
     limit: &str,
     retry_after_secs: Option<u64>,
 ) -> String {
     match retry_after_secs {
         Some(secs) => format!(
-            "Project `{project}` has exceeded its {period} spend limit of {limit}; it resets in {secs} seconds"
+            "{who} has exceeded its {period} spend limit of {limit}; it resets in {secs} seconds"
         ),
-        None => format!(
-            "Project `{project}` has exceeded its {period} spend limit of {limit}; it does not reset"
-        ),
+        None => {
+            format!("{who} has exceeded its {period} spend limit of {limit}; it does not reset")
+        }
     }
 }
 
@@ -295,7 +338,7 @@ mod tests {
     #[test]
     fn budget_exceeded_tells_sdks_not_to_retry() {
         let err = ProxyError::BudgetExceeded {
-            message: budget_message("p", "monthly", "100 tokens", Some(42)),
+            message: budget_message("Project `p`", "monthly", "100 tokens", Some(42)),
             retry_after_secs: Some(42),
         };
         assert_eq!(

@@ -3,6 +3,7 @@
 //! usage every response reports. The request path is described step by step in [`proxy`].
 
 pub mod admin;
+pub mod alerts;
 pub mod auth;
 pub mod body;
 pub mod budget;
@@ -83,10 +84,12 @@ pub fn open_store(state: &AppState) -> Result<store::Flusher, StartError> {
         let (from, until) = store::period_days(kind, now);
         let spent = ledger.spend(&project.name, from, until)?;
         if !spent.is_zero() {
-            project_state
-                .account
-                .period(kind, now)
-                .preload(&spent.to_spend_snapshot());
+            let period = project_state.account.period(kind, now);
+            period.preload(&spent.to_spend_snapshot());
+            if let Some(limit) = &project.budget {
+                // Thresholds passed before this start fired then; do not fire them again.
+                let _ = period.crossed(limit, &project.alert_at);
+            }
             tracing::info!(
                 project = %project.name,
                 tokens = spent.tokens(),
@@ -151,6 +154,7 @@ pub async fn run(
         move |request| admin::handle(admin_state.clone(), request),
         shutdown,
     );
+    let alerts = state.alerts.deliver().map(tokio::spawn);
     state.ready.store(true, Ordering::Release);
     tracing::info!("tollgate is ready");
     // Not ready from the moment shutdown begins, so load balancers stop sending first.
@@ -161,5 +165,9 @@ pub async fn run(
     };
     tokio::join!(proxy, admin, unready);
     state.ready.store(false, Ordering::Release);
+    if let Some(alerts) = alerts {
+        // Webhook deliveries still queued or retrying are given up (each alert was logged).
+        alerts.abort();
+    }
     Ok(())
 }

@@ -12,9 +12,10 @@ use dashmap::DashMap;
 use prometheus::Histogram;
 
 use crate::budget::Account;
-use crate::config::{Config, Project};
+use crate::config::{Config, Project, RateLimitRule};
 use crate::metrics::Metrics;
 use crate::period::Period;
+use crate::ratelimit::RuleMeters;
 use crate::usage::Usage;
 
 /// Lifetime usage of one (credential, model) pair since the process started.
@@ -72,6 +73,12 @@ pub struct ProjectState {
     pub in_flight: AtomicI64,
     pub duration: Histogram,
     pub first_byte: Histogram,
+    /// Budget accounts of the credentials that have a budget of their own.
+    pub credential_accounts: DashMap<Arc<str>, Arc<Account>>,
+    /// Rate-limit meters by rule (pattern and limits), kept across reloads.
+    pub meters: DashMap<Arc<str>, Arc<RuleMeters>>,
+    /// Budget alerts fired, by threshold index of `alert_at`.
+    pub alerts: DashMap<String, AtomicU64>,
 }
 
 impl ProjectState {
@@ -87,6 +94,9 @@ impl ProjectState {
             in_flight: AtomicI64::new(0),
             duration: metrics.request_duration(&project.name),
             first_byte: metrics.upstream_first_byte(&project.name),
+            credential_accounts: DashMap::new(),
+            meters: DashMap::new(),
+            alerts: DashMap::new(),
         }
     }
 
@@ -102,7 +112,37 @@ impl ProjectState {
             in_flight: AtomicI64::new(0),
             duration: metrics.request_duration(""),
             first_byte: metrics.upstream_first_byte(""),
+            credential_accounts: DashMap::new(),
+            meters: DashMap::new(),
+            alerts: DashMap::new(),
         }
+    }
+
+    /// The budget account of a credential with a budget of its own.
+    pub fn credential_account(
+        &self,
+        credential: &Arc<str>,
+        kind: Period,
+        now: chrono::DateTime<Utc>,
+    ) -> Arc<Account> {
+        if let Some(account) = self.credential_accounts.get(credential) {
+            return account.clone();
+        }
+        self.credential_accounts
+            .entry(credential.clone())
+            .or_insert_with(|| Arc::new(Account::new(kind, now)))
+            .clone()
+    }
+
+    /// The meters of a rate-limit rule.
+    pub fn meters(&self, rule: &RateLimitRule) -> Arc<RuleMeters> {
+        if let Some(meters) = self.meters.get(&rule.key) {
+            return meters.clone();
+        }
+        self.meters
+            .entry(rule.key.clone())
+            .or_insert_with(|| Arc::new(RuleMeters::new(rule.rpm, rule.tpm, rule.rpd)))
+            .clone()
     }
 
     pub fn cell(&self, credential: &Arc<str>, model: &Arc<str>) -> Arc<UsageCell> {

@@ -37,6 +37,7 @@ use crate::config::{BudgetLimit, Project};
 use crate::error::{budget_message, ProxyError};
 use crate::inspect::{self, Inspected};
 use crate::projects::ProjectState;
+use crate::ratelimit::Limited as RateLimited;
 use crate::state::{AppState, Live};
 use crate::store::{UsageDelta, UsageKey};
 use crate::usage::{Encoding, Format, Meter, Report, Usage, UsageChunkFilter};
@@ -49,6 +50,8 @@ struct Rejection {
     error: ProxyError,
     project: Option<Arc<ProjectState>>,
     credential: Option<Arc<str>>,
+    /// The `x-ratelimit-*` standing, for a refusal by a rate limit.
+    rate_headers: Option<crate::ratelimit::Headers>,
 }
 
 impl From<ProxyError> for Rejection {
@@ -57,6 +60,7 @@ impl From<ProxyError> for Rejection {
             error,
             project: None,
             credential: None,
+            rate_headers: None,
         }
     }
 }
@@ -82,6 +86,7 @@ fn reject(
         error,
         project,
         credential,
+        rate_headers,
     } = rejection;
     let target = project.as_deref().unwrap_or(&state.unauthenticated);
     let reason = error.reason();
@@ -106,7 +111,11 @@ fn reject(
             "request refused"
         );
     }
-    error.into_response()
+    let mut response = error.into_response();
+    if let Some(standing) = &rate_headers {
+        add_rate_headers(response.headers_mut(), standing);
+    }
+    response
 }
 
 async fn forward(
@@ -142,6 +151,7 @@ async fn forward(
         error,
         project: Some(project_state.clone()),
         credential: Some(credential.name.clone()),
+        rate_headers: None,
     };
     if project.archived {
         return Err(fail(ProxyError::ArchivedProject(project.name.to_string())));
@@ -202,6 +212,16 @@ async fn forward(
             };
             return Err(fail(error));
         }
+        if credential
+            .allowed_models
+            .as_ref()
+            .is_some_and(|allowed| !allowed.is_match(model))
+        {
+            return Err(fail(ProxyError::ModelNotAllowed {
+                project: project.name.to_string(),
+                model: model.to_owned(),
+            }));
+        }
     }
 
     // 5. reserve
@@ -211,17 +231,81 @@ async fn forward(
     } else {
         Estimate::default()
     };
-    let reservation = if parts.method == Method::POST {
+    // Rate limits first: a request they refuse reserves nothing.
+    let rate =
+        match requested.and_then(|m| project.rate_limits.iter().find(|r| r.matcher.is_match(m))) {
+            Some(rule) => {
+                let meters = project_state.meters(rule);
+                let at = crate::ratelimit::now_nanos();
+                match meters.admit(estimate.charge.tokens, at) {
+                    Ok(standing) => Some((meters, standing)),
+                    Err((limited, refused)) => {
+                        let mut headers = crate::ratelimit::Headers::default();
+                        match limited {
+                            RateLimited::TokensPerMinute => headers.tokens = Some(refused.standing),
+                            _ => headers.requests = Some(refused.standing),
+                        }
+                        let error = ProxyError::RateLimited {
+                            message: rate_message(
+                                requested.unwrap_or(""),
+                                &project.name,
+                                limited,
+                                &refused,
+                                estimate.charge.tokens,
+                            ),
+                            kind: limited.kind(),
+                            retry_after: refused.retry_after,
+                        };
+                        return Err(Rejection {
+                            rate_headers: Some(headers),
+                            ..fail(error)
+                        });
+                    }
+                }
+            }
+            None => None,
+        };
+    let (reservation, credential_reservation) = if parts.method == Method::POST {
         let limit = project.budget.as_ref();
-        Some(
-            project_state
-                .account
-                .reserve(limit, estimate.charge, now)
-                .map_err(|exhausted| fail(spent(project, limit, exhausted, now)))?,
-        )
+        let reservation = project_state
+            .account
+            .reserve(limit, estimate.charge, now)
+            .map_err(|exhausted| {
+                fail(spent(
+                    &format!("Project `{}`", project.name),
+                    limit,
+                    exhausted,
+                    now,
+                    false,
+                ))
+            })?;
+        let credential_reservation = match &credential.budget {
+            None => None,
+            Some(limit) => match project_state
+                .credential_account(&credential.name, limit.period, now)
+                .reserve(Some(limit), estimate.charge, now)
+            {
+                Ok(held) => Some(held),
+                Err(exhausted) => {
+                    reservation.cancel();
+                    let who = format!(
+                        "Credential `{}` of project `{}`",
+                        credential.name, project.name
+                    );
+                    return Err(fail(spent(&who, Some(limit), exhausted, now, true)));
+                }
+            },
+        };
+        (Some(reservation), credential_reservation)
     } else {
-        None
+        (None, None)
     };
+    if let Some((meters, _)) = &rate {
+        if reservation.is_none() {
+            // Nothing will settle these tokens: give them back now.
+            meters.settle_tokens(estimate.charge.tokens, 0, crate::ratelimit::now_nanos());
+        }
+    }
 
     // 6. forward
     let path_and_query = parts.uri.path_and_query().map_or(path, |pq| pq.as_str());
@@ -262,7 +346,10 @@ async fn forward(
     *outgoing.uri_mut() = uri;
     *outgoing.headers_mut() = headers;
 
+    let rate_headers = rate.as_ref().map(|(_, standing)| *standing);
     let mut settlement = Settlement {
+        credential_reservation,
+        rate: rate.map(|(meters, _)| meters),
         app: state.clone(),
         admitted: now.date_naive(),
         live: live.clone(),
@@ -308,6 +395,9 @@ async fn forward(
     strip_hop_by_hop(&mut head.headers);
     settlement.status = head.status.as_u16();
     add_budget_headers(&mut head.headers, project, settlement.period_snapshot());
+    if let Some(standing) = &rate_headers {
+        add_rate_headers(&mut head.headers, standing);
+    }
     if !head.status.is_success() {
         // The upstream's own error: passed through unchanged, charged nothing.
         settlement.release();
@@ -449,12 +539,13 @@ fn estimate(
     }
 }
 
-/// The 429 for a budget that cannot take the request.
+/// The 429 for a budget (`who`'s) that cannot take the request.
 fn spent(
-    project: &Project,
+    who: &str,
     limit: Option<&BudgetLimit>,
     exhausted: Exhausted,
     now: chrono::DateTime<Utc>,
+    credential: bool,
 ) -> ProxyError {
     let period = limit.map_or(crate::period::Period::Monthly, |l| l.period);
     let retry_after_secs = period
@@ -465,9 +556,62 @@ fn spent(
         Exhausted::Tokens { limit } => format!("{limit} tokens"),
         Exhausted::Usd { limit_micro_usd } => format!("${}", usd(limit_micro_usd)),
     };
-    ProxyError::BudgetExceeded {
-        message: budget_message(&project.name, period.as_str(), &limit, retry_after_secs),
-        retry_after_secs,
+    let message = budget_message(who, period.as_str(), &limit, retry_after_secs);
+    if credential {
+        ProxyError::CredentialBudgetExceeded {
+            message,
+            retry_after_secs,
+        }
+    } else {
+        ProxyError::BudgetExceeded {
+            message,
+            retry_after_secs,
+        }
+    }
+}
+
+/// OpenAI's wording for a rate limit, e.g. "Rate limit reached for gpt-4o-mini in project
+/// search on requests per min (RPM): Limit 500, Used 500, Requested 1. Please try again in
+/// 120ms."
+fn rate_message(
+    model: &str,
+    project: &str,
+    limited: RateLimited,
+    refused: &crate::ratelimit::Refused,
+    tokens: u64,
+) -> String {
+    let requested = match limited {
+        RateLimited::TokensPerMinute => tokens,
+        _ => 1,
+    };
+    let limit = refused.standing.limit;
+    format!(
+        "Rate limit reached for {model} in project {project} on {}: Limit {limit}, Used {}, Requested {requested}. Please try again in {}.",
+        limited.describe(),
+        limit - refused.standing.remaining,
+        crate::ratelimit::format_reset(refused.retry_after),
+    )
+}
+
+fn add_rate_headers(headers: &mut HeaderMap, standing: &crate::ratelimit::Headers) {
+    use crate::ratelimit::format_reset;
+    let mut put = |name: &'static str, value: String| {
+        if let Ok(value) = HeaderValue::try_from(value) {
+            headers.insert(name, value);
+        }
+    };
+    if let Some(requests) = standing.requests {
+        put("x-ratelimit-limit-requests", requests.limit.to_string());
+        put(
+            "x-ratelimit-remaining-requests",
+            requests.remaining.to_string(),
+        );
+        put("x-ratelimit-reset-requests", format_reset(requests.reset));
+    }
+    if let Some(tokens) = standing.tokens {
+        put("x-ratelimit-limit-tokens", tokens.limit.to_string());
+        put("x-ratelimit-remaining-tokens", tokens.remaining.to_string());
+        put("x-ratelimit-reset-tokens", format_reset(tokens.reset));
     }
 }
 
@@ -586,6 +730,10 @@ impl Drop for InFlight {
 /// The end of a forwarded request: replaces the reservation with the real charge and records
 /// it. Runs once, from the response body (see `body::Watch`) or from the early exits above.
 struct Settlement {
+    /// The credential's own budget, when it has one.
+    credential_reservation: Option<Reservation>,
+    /// The rate-limit meters that took this request's estimated tokens.
+    rate: Option<Arc<crate::ratelimit::RuleMeters>>,
     app: Arc<AppState>,
     /// The UTC day the request was admitted: its ledger row.
     admitted: chrono::NaiveDate,
@@ -689,13 +837,29 @@ impl Settlement {
             }
         };
         let micro_usd = price.cost_micro_usd(usage);
+        let charge = Charge {
+            tokens: usage.total(),
+            micro_usd,
+        };
         if let Some(reservation) = self.reservation.take() {
-            reservation.settle(
-                Charge {
-                    tokens: usage.total(),
-                    micro_usd,
-                },
-                usage,
+            let period = reservation.period().clone();
+            reservation.settle(charge, usage);
+            if let Some(limit) = &project.budget {
+                for index in period.crossed(limit, &project.alert_at) {
+                    self.app
+                        .alerts
+                        .fire(project, &self.state, limit, &period, index);
+                }
+            }
+        }
+        if let Some(reservation) = self.credential_reservation.take() {
+            reservation.settle(charge, usage);
+        }
+        if let Some(meters) = self.rate.take() {
+            meters.settle_tokens(
+                self.estimate.charge.tokens,
+                usage.total(),
+                crate::ratelimit::now_nanos(),
             );
         }
         Some((label, micro_usd))

@@ -122,6 +122,114 @@ impl Gcra {
     }
 }
 
+/// Nanoseconds on a monotonic clock shared by every meter of the process.
+pub fn now_nanos() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(std::time::Instant::now);
+    // Offset by a day so that a fresh meter (TAT 0) is empty from the first call on.
+    u64::try_from(epoch.elapsed().as_nanos())
+        .unwrap_or(u64::MAX)
+        .saturating_add(86_400 * 1_000_000_000)
+}
+
+/// The meters of one rate-limit rule of a project.
+#[derive(Debug)]
+pub struct RuleMeters {
+    pub rpm: Option<Gcra>,
+    pub tpm: Option<Gcra>,
+    pub rpd: Option<Gcra>,
+}
+
+/// Which limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limited {
+    RequestsPerMinute,
+    TokensPerMinute,
+    RequestsPerDay,
+}
+
+impl Limited {
+    /// OpenAI's words for the limit, as in "on requests per min (RPM)".
+    pub fn describe(self) -> &'static str {
+        match self {
+            Limited::RequestsPerMinute => "requests per min (RPM)",
+            Limited::TokensPerMinute => "tokens per min (TPM)",
+            Limited::RequestsPerDay => "requests per day (RPD)",
+        }
+    }
+
+    /// OpenAI's error `type` for it.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Limited::TokensPerMinute => "tokens",
+            Limited::RequestsPerMinute | Limited::RequestsPerDay => "requests",
+        }
+    }
+}
+
+/// The standing of a rule after an admission, for the `x-ratelimit-*` headers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Headers {
+    pub requests: Option<Standing>,
+    pub tokens: Option<Standing>,
+}
+
+impl RuleMeters {
+    pub fn new(rpm: Option<u64>, tpm: Option<u64>, rpd: Option<u64>) -> Self {
+        RuleMeters {
+            rpm: rpm.map(Gcra::per_minute),
+            tpm: tpm.map(Gcra::per_minute),
+            rpd: rpd.map(Gcra::per_day),
+        }
+    }
+
+    /// Takes one request and `tokens` from every meter, or none of them.
+    pub fn admit(&self, tokens: u64, now: u64) -> Result<Headers, (Limited, Refused)> {
+        let mut headers = Headers::default();
+        if let Some(rpd) = &self.rpd {
+            rpd.take(1, now)
+                .map_err(|refused| (Limited::RequestsPerDay, refused))?;
+        }
+        if let Some(rpm) = &self.rpm {
+            match rpm.take(1, now) {
+                Ok(standing) => headers.requests = Some(standing),
+                Err(refused) => {
+                    if let Some(rpd) = &self.rpd {
+                        rpd.give_back(1, now);
+                    }
+                    return Err((Limited::RequestsPerMinute, refused));
+                }
+            }
+        }
+        if let Some(tpm) = &self.tpm {
+            match tpm.take(tokens, now) {
+                Ok(standing) => headers.tokens = Some(standing),
+                Err(refused) => {
+                    if let Some(rpd) = &self.rpd {
+                        rpd.give_back(1, now);
+                    }
+                    if let Some(rpm) = &self.rpm {
+                        rpm.give_back(1, now);
+                    }
+                    return Err((Limited::TokensPerMinute, refused));
+                }
+            }
+        }
+        Ok(headers)
+    }
+
+    /// Corrects the tokens taken at admission once the real usage is known.
+    pub fn settle_tokens(&self, estimated: u64, actual: u64, now: u64) {
+        if let Some(tpm) = &self.tpm {
+            if actual > estimated {
+                tpm.charge(actual - estimated, now);
+            } else {
+                tpm.give_back(estimated - actual, now);
+            }
+        }
+    }
+}
+
 /// OpenAI's duration format for `x-ratelimit-reset-*`: `120ms`, `1s`, `6m0s`, `1h2m3s`.
 pub fn format_reset(d: Duration) -> String {
     let ms = d.as_millis();

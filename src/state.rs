@@ -35,6 +35,7 @@ pub struct AppState {
     pub unauthenticated: ProjectState,
     /// Settled usage not yet written to the ledger.
     pub pending: Arc<Pending>,
+    pub alerts: crate::alerts::Alerts,
     pub ready: AtomicBool,
 }
 
@@ -52,6 +53,7 @@ impl AppState {
             upstream,
             unauthenticated,
             pending: Arc::new(Pending::new()),
+            alerts: crate::alerts::Alerts::default(),
             ready: AtomicBool::new(false),
         }))
     }

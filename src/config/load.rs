@@ -22,12 +22,12 @@ use toml::Spanned;
 
 use super::raw::{
     RawAdmin, RawBudget, RawConfig, RawCredential, RawInstant, RawPrice, RawPricing,
-    RawPricingFile, RawProject, RawServer, RawStore, RawUpstream,
+    RawPricingFile, RawProject, RawRateLimit, RawServer, RawStore, RawUpstream,
 };
 use super::{
     AdminConfig, BudgetLimit, Config, Credential, CredentialRef, ModelPolicy, OnStoreError,
-    Project, ReservationConfig, Secret, ServerConfig, StoreConfig, TlsFiles, TokenHash,
-    UpstreamConfig,
+    Project, RateLimitRule, ReservationConfig, Secret, ServerConfig, StoreConfig, TlsFiles,
+    TokenHash, UpstreamConfig,
 };
 use crate::period::Period;
 use crate::pricing::{Price, Pricing};
@@ -383,6 +383,18 @@ impl Loader<'_> {
             hashes.push(hash);
         }
 
+        let alert_at = match raw.budget.as_ref().and_then(|b| b.alert_at.as_ref()) {
+            None => Vec::new(),
+            Some(fractions) => self.alert_at(&format!("{key}.budget.alert_at"), fractions)?,
+        };
+        let alert_webhook = match &raw.alert_webhook {
+            None => None,
+            Some(url) => Some(self.webhook(&format!("{key}.alert_webhook"), url)?),
+        };
+        let mut rate_limits = Vec::with_capacity(raw.rate_limits.len());
+        for (index, rule) in raw.rate_limits.iter().enumerate() {
+            rate_limits.push(self.rate_limit(&format!("{key}.rate_limits[{index}]"), rule)?);
+        }
         let project = Project {
             name,
             api_key,
@@ -392,6 +404,9 @@ impl Loader<'_> {
             budget,
             archived: raw.archived,
             credentials,
+            rate_limits,
+            alert_at,
+            alert_webhook,
         };
         Ok((project, hashes))
     }
@@ -531,6 +546,70 @@ impl Loader<'_> {
         Ok((set, patterns))
     }
 
+    fn alert_at(&self, key: &str, fractions: &[f64]) -> Result<Vec<f64>> {
+        let mut out: Vec<f64> = Vec::with_capacity(fractions.len());
+        for (index, &fraction) in fractions.iter().enumerate() {
+            if !(fraction > 0.0 && fraction <= 1.0) {
+                return Err(self.err(
+                    format!("{key}[{index}]"),
+                    "must be a fraction of the budget, above 0 and at most 1",
+                ));
+            }
+            if out.last().is_some_and(|&last| fraction <= last) {
+                return Err(self.err(format!("{key}[{index}]"), "must be ascending"));
+            }
+            out.push(fraction);
+        }
+        if out.len() > 16 {
+            return Err(self.err(key, "at most 16 thresholds"));
+        }
+        Ok(out)
+    }
+
+    fn webhook(&self, key: &str, url: &str) -> Result<http::Uri> {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|_| self.err(key, format!("`{url}` is not a URL")))?;
+        match uri.scheme_str() {
+            Some("http") | Some("https") if uri.authority().is_some() => Ok(uri),
+            _ => Err(self.err(key, format!("`{url}` must be an http or https URL"))),
+        }
+    }
+
+    fn rate_limit(&self, key: &str, raw: &RawRateLimit) -> Result<RateLimitRule> {
+        let Some(pattern) = raw.model.as_deref() else {
+            return Err(self.err(format!("{key}.model"), "missing"));
+        };
+        let (set, _) = self.globs(&format!("{key}.model"), &[pattern.to_owned()])?;
+        drop(set);
+        let matcher = GlobBuilder::new(pattern)
+            .literal_separator(false)
+            .build()
+            .map_err(|e| self.err(format!("{key}.model"), format!("invalid pattern: {e}")))?
+            .compile_matcher();
+        for (name, value) in [("rpm", raw.rpm), ("tpm", raw.tpm), ("rpd", raw.rpd)] {
+            if value == Some(0) {
+                return Err(self.err(format!("{key}.{name}"), "must be at least 1"));
+            }
+        }
+        if raw.rpm.is_none() && raw.tpm.is_none() && raw.rpd.is_none() {
+            return Err(self.err(key, "set at least one of rpm, tpm and rpd"));
+        }
+        let fmt = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+        Ok(RateLimitRule {
+            key: Arc::from(format!(
+                "{pattern} rpm={} tpm={} rpd={}",
+                fmt(raw.rpm),
+                fmt(raw.tpm),
+                fmt(raw.rpd)
+            )),
+            matcher,
+            rpm: raw.rpm,
+            tpm: raw.tpm,
+            rpd: raw.rpd,
+        })
+    }
+
     fn budget(&self, key: &str, raw: &RawBudget) -> Result<BudgetLimit> {
         let period = match raw.period.as_deref() {
             None => {
@@ -583,10 +662,29 @@ impl Loader<'_> {
             None => None,
             Some(instant) => Some(self.instant(&format!("{key}.expires_at"), instant)?),
         };
+        let budget = match &raw.budget {
+            None => None,
+            Some(budget) => {
+                let bkey = format!("{key}.budget");
+                if budget.alert_at.is_some() {
+                    return Err(self.err(
+                        format!("{bkey}.alert_at"),
+                        "alerts are set on the project's budget only",
+                    ));
+                }
+                Some(self.budget(&bkey, budget)?)
+            }
+        };
+        let allowed_models = match &raw.allowed_models {
+            None => None,
+            Some(patterns) => Some(self.globs(&format!("{key}.allowed_models"), patterns)?.0),
+        };
         let credential = Credential {
             name,
             expires_at,
             disabled: raw.disabled,
+            budget,
+            allowed_models,
         };
         Ok((credential, hash))
     }

@@ -195,6 +195,12 @@ pub struct Project {
     pub budget: Option<BudgetLimit>,
     pub archived: bool,
     pub credentials: Vec<Credential>,
+    /// Per-model rate limits; the first rule whose pattern matches a model applies.
+    pub rate_limits: Vec<RateLimitRule>,
+    /// Fractions of the budget (`0 < x <= 1`, ascending) at which an alert fires.
+    pub alert_at: Vec<f64>,
+    /// Where budget alerts are POSTed as JSON.
+    pub alert_webhook: Option<http::Uri>,
 }
 
 #[derive(Debug)]
@@ -202,6 +208,22 @@ pub struct Credential {
     pub name: Arc<str>,
     pub expires_at: Option<DateTime<Utc>>,
     pub disabled: bool,
+    /// A budget of the credential's own, checked as well as the project's.
+    pub budget: Option<BudgetLimit>,
+    /// An allowlist narrower than the project's; both must allow a model.
+    pub allowed_models: Option<GlobSet>,
+}
+
+/// `rate_limits = [{ model = "gpt-4o*", rpm = 500, tpm = 200000, rpd = 10000 }]`.
+#[derive(Debug)]
+pub struct RateLimitRule {
+    /// The pattern as written; with the limits it keys the rule's meters, so a reload that
+    /// keeps a rule keeps its meters.
+    pub key: Arc<str>,
+    pub matcher: globset::GlobMatcher,
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    pub rpd: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -347,6 +347,27 @@ pub struct RawProject {
     /// The internal tokens that authenticate as this project. (empty)
     #[serde(default)]
     pub credentials: Vec<RawCredential>,
+    /// Per-model rate limits, as OpenAI's project limits; the first matching rule applies and
+    /// its limits are shared by every model it matches. (empty)
+    #[serde(default)]
+    pub rate_limits: Vec<RawRateLimit>,
+    /// URL that budget alerts are POSTed to as JSON (http or https). (unset: log and metric only)
+    pub alert_webhook: Option<String>,
+}
+
+/// One entry of `rate_limits`: at least one of `rpm`, `tpm`, `rpd`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    /// Model name or `*` pattern. (required)
+    pub model: Option<String>,
+    /// Requests per minute. (unlimited)
+    pub rpm: Option<u64>,
+    /// Tokens per minute (the reservation estimate at admission, corrected at settlement).
+    /// (unlimited)
+    pub tpm: Option<u64>,
+    /// Requests per day. (unlimited)
+    pub rpd: Option<u64>,
 }
 
 /// `budget = { ... }` of a project: at least one of `tokens` and `usd`.
@@ -360,6 +381,9 @@ pub struct RawBudget {
     /// `monthly`, `weekly` (ISO, from Monday), `daily` (UTC calendar) or `total` (never resets).
     /// (required)
     pub period: Option<String>,
+    /// Fractions of the limit (`0 < x <= 1`) at which an alert fires once per period, e.g.
+    /// `[0.5, 0.8, 1.0]`; project budgets only. (none)
+    pub alert_at: Option<Vec<f64>>,
 }
 
 /// `[[projects.credentials]]`
@@ -377,6 +401,12 @@ pub struct RawCredential {
     /// A disabled credential is refused. (false)
     #[serde(default)]
     pub disabled: bool,
+    /// A budget of the credential's own, same form as the project's; both must have room.
+    /// (unset)
+    pub budget: Option<RawBudget>,
+    /// Models this credential may use, narrower than its project's; both lists must allow a
+    /// model. (unset: the project's)
+    pub allowed_models: Option<Vec<String>>,
 }
 
 /// An instant written as a string or as a TOML date-time; both are parsed as RFC 3339 later.
