@@ -220,6 +220,29 @@ impl Metrics {
         }
         family(
             &mut out,
+            "tollgate_budget_alerts_total",
+            "counter",
+            "Budget alerts fired, by project and threshold (fraction of the limit).",
+        );
+        for state in states.iter() {
+            let mut rows: Vec<_> = state
+                .alerts
+                .iter()
+                .map(|e| (e.key().clone(), e.value().load(Ordering::Relaxed)))
+                .collect();
+            rows.sort();
+            for (threshold, value) in rows {
+                let _ = writeln!(
+                    out,
+                    "tollgate_budget_alerts_total{{project=\"{}\",threshold=\"{}\"}} {}",
+                    Esc(&state.name),
+                    threshold,
+                    value
+                );
+            }
+        }
+        family(
+            &mut out,
             "tollgate_inflight_requests",
             "gauge",
             "Requests in flight, by project.",

@@ -51,6 +51,61 @@ pub fn config_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/under-test.toml")
 }
 
+pub fn pricing_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/pricing.toml")
+}
+
+/// Puts the variables of `test_env` into the process environment, once: a reload reads the
+/// real environment. Every test sets the same values, so the order does not matter.
+pub fn set_test_env() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for name in [
+            "OPENAI_KEY",
+            "OPENAI_KEY_A",
+            "OPENAI_KEY_B",
+            "TOLLGATE_ADMIN_TOKEN",
+        ] {
+            if let Some(value) = test_env(name) {
+                std::env::set_var(name, value);
+            }
+        }
+    });
+}
+
+/// The config file of a running test proxy.
+impl TestProxy {
+    pub fn config_file(&self) -> PathBuf {
+        self.ledger.with_file_name("tollgate.toml")
+    }
+
+    /// Rewrites the config file and reloads it through the admin API.
+    pub async fn reload(&self, toml: &str) -> Answer {
+        let mut toml = toml.to_owned();
+        if !toml.contains("[store]") {
+            toml.push_str(&format!(
+                "\n[store]\npath = \"{}\"\n",
+                self.ledger.display()
+            ));
+        }
+        if !toml.contains("[pricing]") {
+            toml.push_str(&format!(
+                "\n[pricing]\nfile = \"{}\"\n",
+                pricing_path().display()
+            ));
+        }
+        std::fs::write(self.config_file(), toml).expect("write config");
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        send(
+            Method::POST,
+            &self.admin_url("/admin/reload"),
+            &[("authorization", auth.as_str())],
+            Bytes::new(),
+        )
+        .await
+    }
+}
+
 pub fn load(toml: &str) -> tollgate::config::Config {
     tollgate::config::load_str(toml, &config_path(), &test_env)
         .unwrap_or_else(|e| panic!("test config must load: {e}"))
@@ -64,17 +119,28 @@ impl TestProxy {
     }
 
     /// Starts with the ledger at `ledger` (kept in `dir`), unless the config has a `[store]`.
+    /// The config is written to `dir/tollgate.toml` and loaded from there, so that a reload
+    /// (`POST /admin/reload`) reads the same file.
     pub async fn start_with_ledger(
         toml: &str,
         dir: tempfile::TempDir,
         ledger: PathBuf,
     ) -> TestProxy {
-        let toml = if toml.contains("[store]") {
-            toml.to_owned()
-        } else {
-            format!("{toml}\n[store]\npath = \"{}\"\n", ledger.display())
-        };
-        let config = load(&toml);
+        let mut toml = toml.to_owned();
+        if !toml.contains("[store]") {
+            toml.push_str(&format!("\n[store]\npath = \"{}\"\n", ledger.display()));
+        }
+        if !toml.contains("[pricing]") {
+            toml.push_str(&format!(
+                "\n[pricing]\nfile = \"{}\"\n",
+                pricing_path().display()
+            ));
+        }
+        set_test_env();
+        let path = dir.path().join("tollgate.toml");
+        std::fs::write(&path, &toml).expect("write config");
+        let config =
+            tollgate::config::load(&path).unwrap_or_else(|e| panic!("test config must load: {e}"));
         let state = AppState::new(config).expect("state");
         let listeners = Listeners {
             proxy: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
