@@ -1720,6 +1720,90 @@ archived = true
     }
 
     #[test]
+    fn controls_of_issue_three_load() {
+        let text = minimal()
+            .replace(
+                "name = \"a\"",
+                "name = \"a\"\nalert_webhook = \"https://hooks.example/alerts\"\nbudget = { tokens = 10, period = \"daily\", alert_at = [0.5, 1.0] }\nrate_limits = [{ model = \"gpt-4o*\", rpm = 5, tpd = 1 }]",
+            );
+        // `tpd` is not a key: unknown keys inside a rate limit are refused too.
+        assert!(err(&text)
+            .key_path()
+            .starts_with("projects[0].rate_limits[0]"));
+        let text = text.replace("tpd = 1", "tpm = 100");
+        let config = ok(&text.replace(
+            "token_sha256",
+            "budget = { usd = 1.5, period = \"monthly\" }\nallowed_models = [\"gpt-4o-mini\"]\ntoken_sha256",
+        ));
+        let project = &config.projects[0];
+        assert_eq!(project.alert_at, vec![0.5, 1.0]);
+        assert_eq!(project.rate_limits[0].rpm, Some(5));
+        assert!(project.rate_limits[0].matcher.is_match("gpt-4o-mini"));
+        let credential = &project.credentials[0];
+        assert_eq!(credential.budget.unwrap().micro_usd, Some(1_500_000));
+        assert!(credential
+            .allowed_models
+            .as_ref()
+            .unwrap()
+            .is_match("gpt-4o-mini"));
+    }
+
+    #[test]
+    fn bad_controls_name_their_key() {
+        let with =
+            |extra: &str| minimal().replace("name = \"a\"", &format!("name = \"a\"\n{extra}"));
+        let cases = [
+            (
+                "budget = { tokens = 1, period = \"daily\", alert_at = [0.8, 0.5] }",
+                "projects[0].budget.alert_at[1]",
+                "ascending",
+            ),
+            (
+                "budget = { tokens = 1, period = \"daily\", alert_at = [1.5] }",
+                "projects[0].budget.alert_at[0]",
+                "at most 1",
+            ),
+            (
+                "alert_webhook = \"ftp://x\"",
+                "projects[0].alert_webhook",
+                "http or https",
+            ),
+            (
+                "rate_limits = [{ model = \"gpt-4o\" }]",
+                "projects[0].rate_limits[0]",
+                "at least one of rpm",
+            ),
+            (
+                "rate_limits = [{ model = \"gpt-4o\", rpm = 0 }]",
+                "projects[0].rate_limits[0].rpm",
+                "at least 1",
+            ),
+            (
+                "rate_limits = [{ rpm = 3 }]",
+                "projects[0].rate_limits[0].model",
+                "missing",
+            ),
+            (
+                "rate_limits = [{ model = \"gpt-[4\", rpm = 3 }]",
+                "projects[0].rate_limits[0].model[0]",
+                "not allowed",
+            ),
+        ];
+        for (extra, key, why) in cases {
+            assert_err(&err(&with(extra)), key, why);
+        }
+        let credential_alerts = minimal().replace(
+            "token_sha256",
+            "budget = { tokens = 5, period = \"daily\", alert_at = [0.5] }\ntoken_sha256",
+        );
+        assert_err(
+            &err(&credential_alerts),
+            "projects[0].credentials[0].budget.alert_at",
+            "project's budget only",
+        );
+    }
+
+    #[test]
     fn budget_without_a_limit() {
         let text = minimal().replace(
             "name = \"a\"",
