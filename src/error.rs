@@ -57,6 +57,8 @@ pub enum ProxyError {
     BodyTooLarge(u64),
     #[error("request body could not be read")]
     BodyRead,
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
     #[error("Invalid URL ({method} {path})")]
     InvalidUrl { method: String, path: String },
     #[error("the upstream could not be reached")]
@@ -185,6 +187,13 @@ impl ProxyError {
                 None,
                 None,
                 "body_read",
+            ),
+            BodyTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                Some("request_timeout"),
+                None,
+                "body_timeout",
             ),
             InvalidUrl { .. } => (
                 StatusCode::NOT_FOUND,

@@ -160,12 +160,13 @@ async fn forward(
 
     // 3. inspect
     let max_body = live.config.server.max_body_bytes;
+    let body_timeout = live.config.server.body_read_timeout;
     let mut inspected = Inspected::default();
     let mut body_len = 0u64;
     let mut rewrite = false;
     let upstream_body = match body_kind(&parts) {
         BodyKind::Json => {
-            let bytes = read_limited(body, &parts.headers, max_body)
+            let bytes = read_limited(body, &parts.headers, max_body, body_timeout)
                 .await
                 .map_err(fail)?;
             body_len = bytes.len() as u64;
@@ -185,7 +186,7 @@ async fn forward(
             Either::Left(Full::new(bytes))
         }
         BodyKind::Multipart(boundary) => {
-            let bytes = read_limited(body, &parts.headers, max_body)
+            let bytes = read_limited(body, &parts.headers, max_body, body_timeout)
                 .await
                 .map_err(fail)?;
             body_len = bytes.len() as u64;
@@ -476,7 +477,12 @@ fn body_kind(parts: &Parts) -> BodyKind {
 }
 
 /// Reads a body that must be inspected, refusing more than `max` bytes.
-async fn read_limited(body: Incoming, headers: &HeaderMap, max: u64) -> Result<Bytes, ProxyError> {
+async fn read_limited(
+    body: Incoming,
+    headers: &HeaderMap,
+    max: u64,
+    timeout: std::time::Duration,
+) -> Result<Bytes, ProxyError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -485,7 +491,10 @@ async fn read_limited(body: Incoming, headers: &HeaderMap, max: u64) -> Result<B
         return Err(ProxyError::BodyTooLarge(max));
     }
     let limit = usize::try_from(max).unwrap_or(usize::MAX);
-    match Limited::new(body, limit).collect().await {
+    let collected = tokio::time::timeout(timeout, Limited::new(body, limit).collect())
+        .await
+        .map_err(|_| ProxyError::BodyTimeout)?;
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(err) if err.is::<http_body_util::LengthLimitError>() => {
             Err(ProxyError::BodyTooLarge(max))

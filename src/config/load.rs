@@ -192,6 +192,7 @@ impl Loader<'_> {
         let listen = self.socket_addr("server.listen", &raw.listen)?;
         self.at_least_one("server.max_body_bytes", raw.max_body_bytes)?;
         self.at_least_one("server.header_read_timeout_ms", raw.header_read_timeout_ms)?;
+        self.at_least_one("server.body_read_timeout_ms", raw.body_read_timeout_ms)?;
         self.at_least_one(
             "server.keepalive_idle_timeout_ms",
             raw.keepalive_idle_timeout_ms,
@@ -226,6 +227,7 @@ impl Loader<'_> {
             tls,
             shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms),
             header_read_timeout: Duration::from_millis(raw.header_read_timeout_ms),
+            body_read_timeout: Duration::from_millis(raw.body_read_timeout_ms),
             keepalive_idle_timeout: Duration::from_millis(raw.keepalive_idle_timeout_ms),
             max_connections: raw.max_connections,
             max_concurrent_streams: raw.max_concurrent_streams,

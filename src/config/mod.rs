@@ -75,6 +75,7 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     pub shutdown_grace: Duration,
     pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
     pub keepalive_idle_timeout: Duration,
     pub max_connections: usize,
     pub max_concurrent_streams: u32,

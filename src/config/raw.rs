@@ -62,6 +62,10 @@ pub struct RawServer {
     /// (10000)
     #[serde(default = "default_header_read_timeout_ms")]
     pub header_read_timeout_ms: u64,
+    /// Time allowed for a client to send a request body that tollgate must read (JSON, the
+    /// multipart forms that name a model), in milliseconds; at least 1. 408 after. (30000)
+    #[serde(default = "default_body_read_timeout_ms")]
+    pub body_read_timeout_ms: u64,
     /// How long an idle keep-alive connection is kept open, in milliseconds; at least 1. (75000)
     #[serde(default = "default_keepalive_idle_timeout_ms")]
     pub keepalive_idle_timeout_ms: u64,
@@ -82,6 +86,7 @@ impl Default for RawServer {
             tls_key: None,
             shutdown_grace_ms: default_shutdown_grace_ms(),
             header_read_timeout_ms: default_header_read_timeout_ms(),
+            body_read_timeout_ms: default_body_read_timeout_ms(),
             keepalive_idle_timeout_ms: default_keepalive_idle_timeout_ms(),
             max_connections: default_max_connections(),
             max_concurrent_streams: default_max_concurrent_streams(),
@@ -103,6 +108,10 @@ fn default_shutdown_grace_ms() -> u64 {
 
 fn default_header_read_timeout_ms() -> u64 {
     10_000
+}
+
+fn default_body_read_timeout_ms() -> u64 {
+    30_000
 }
 
 fn default_keepalive_idle_timeout_ms() -> u64 {
