@@ -362,6 +362,7 @@ async fn forward(
         estimate,
         status: 0,
         started,
+        first_byte_ms: 0,
         done: false,
         _in_flight: in_flight,
     };
@@ -387,9 +388,9 @@ async fn forward(
             return Err(fail(ProxyError::UpstreamTimeout));
         }
     };
-    project_state
-        .first_byte
-        .observe(sent.elapsed().as_secs_f64());
+    let first_byte = sent.elapsed();
+    project_state.first_byte.observe(first_byte.as_secs_f64());
+    settlement.first_byte_ms = u64::try_from(first_byte.as_millis()).unwrap_or(u64::MAX);
 
     // 7. meter
     let (mut head, incoming) = response.into_parts();
@@ -755,6 +756,8 @@ struct Settlement {
     estimate: Estimate,
     status: u16,
     started: Instant,
+    /// Until the upstream's response headers arrived.
+    first_byte_ms: u64,
     done: bool,
     _in_flight: InFlight,
 }
@@ -910,6 +913,7 @@ impl Settlement {
             reasoning_tokens = usage.reasoning_tokens,
             cost_usd = %usd(micro_usd),
             duration_ms = elapsed.as_millis() as u64,
+            upstream_first_byte_ms = self.first_byte_ms,
             "request"
         );
     }
