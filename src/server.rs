@@ -94,8 +94,12 @@ pub async fn serve<H, F>(
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(server.max_connections));
+    // Every connection task is owned here, so that the ones still running when the grace
+    // period ends are cut (and their requests settled) before `serve` returns.
+    let mut connections = tokio::task::JoinSet::new();
 
     loop {
+        while connections.try_join_next().is_some() {}
         let permit = tokio::select! {
             permit = permits.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
@@ -137,7 +141,7 @@ pub async fn serve<H, F>(
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .into_owned();
                 let connection = graceful.watch(connection);
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     if let Err(err) = connection.await {
                         tracing::debug!(error = %err, "connection ended with an error");
                     }
@@ -148,7 +152,7 @@ pub async fn serve<H, F>(
                 let acceptor = acceptor.clone();
                 let timeout = server.header_read_timeout;
                 let watcher = graceful.watcher();
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let stream = match tokio::time::timeout(timeout, acceptor.accept(stream)).await
                     {
                         Ok(Ok(stream)) => stream,
@@ -176,9 +180,14 @@ pub async fn serve<H, F>(
     {
         tracing::warn!(
             grace_ms = server.shutdown_grace.as_millis() as u64,
+            open = connections.len(),
             "connections still open after the grace period; closing them"
         );
     }
+    // Cut what is left; dropping their futures settles the requests (charged per the rules
+    // for a cut stream) before the caller writes the last usage to the ledger.
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
 }
 
 /// Resolves once `shutdown` turns true (or its sender is gone).
