@@ -116,6 +116,18 @@ struct ProjectReport {
     remaining: Amounts,
     reserved: Reserved,
     in_flight: i64,
+    /// With `store.redis_url`: all replicas' figures in Redis at the last sync (`null` without
+    /// Redis or before the first sync). The other fields are this replica's own.
+    shared: Option<Shared>,
+}
+
+#[derive(Serialize)]
+struct Shared {
+    /// Settled spend of all replicas, as pushed.
+    spent: Reserved,
+    /// Leased to live replicas: reserved, settled and not yet pushed, or not yet used.
+    leased: Reserved,
+    replicas: u64,
 }
 
 #[derive(Serialize)]
@@ -207,6 +219,20 @@ fn projects(state: &AppState) -> ProjectsReport {
                     usd: usd(spend.reserved_micro_usd),
                 },
                 in_flight: project_state.in_flight.load(Ordering::Relaxed),
+                shared: period
+                    .slice()
+                    .and_then(|slice| slice.view.load())
+                    .map(|view| Shared {
+                        spent: Reserved {
+                            tokens: view.spent_tokens,
+                            usd: usd(view.spent_micro_usd),
+                        },
+                        leased: Reserved {
+                            tokens: view.leased_tokens,
+                            usd: usd(view.leased_micro_usd),
+                        },
+                        replicas: view.replicas,
+                    }),
             }
         })
         .collect();

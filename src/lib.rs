@@ -70,6 +70,8 @@ pub enum StartError {
     Upstream(#[from] upstream::UpstreamError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error(transparent)]
+    SharedBudgets(#[from] store::SharedBudgetsError),
 }
 
 /// Opens the ledger, loads each project's spend in its current period from it, and starts
@@ -105,16 +107,21 @@ pub fn open_store(state: &AppState) -> Result<store::Flusher, StartError> {
     )?)
 }
 
-/// Everything `tollgate serve` does once the config is loaded: open the ledger, serve until
-/// `shutdown`, drain, and write the last usage to the ledger before returning.
+/// Everything `tollgate serve` does once the config is loaded: open the ledger, start sharing
+/// budgets through Redis (with `store.redis_url`), serve until `shutdown`, drain, and write the
+/// last usage to the ledger (and Redis) before returning.
 pub async fn serve(
     state: Arc<AppState>,
     listeners: Listeners,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), StartError> {
     let flusher = open_store(&state)?;
+    let shared = store::SharedBudgets::start(state.clone()).await?;
     let served = run(state, listeners, shutdown).await;
     // After the drain: every request has settled, so the final flush holds all of it.
+    if let Some(shared) = shared {
+        shared.shutdown().await;
+    }
     let flushed = flusher.shutdown().await;
     served?;
     flushed?;

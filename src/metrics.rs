@@ -7,7 +7,7 @@
 //! set of `ProxyError::reason`.
 
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, Registry, TextEncoder};
 
@@ -23,6 +23,8 @@ pub struct Metrics {
     registry: Registry,
     duration: HistogramVec,
     first_byte: HistogramVec,
+    /// Failed syncs with Redis (shared budgets).
+    redis_errors: AtomicU64,
 }
 
 impl Metrics {
@@ -55,6 +57,7 @@ impl Metrics {
             registry,
             duration,
             first_byte,
+            redis_errors: AtomicU64::new(0),
         }
     }
 
@@ -64,6 +67,12 @@ impl Metrics {
 
     pub fn upstream_first_byte(&self, project: &str) -> Histogram {
         self.first_byte.with_label_values(&[project])
+    }
+
+    /// Counts a failed sync with Redis.
+    pub fn count_store_error_redis(&self) {
+        // Relaxed: a statistic, read on its own.
+        self.redis_errors.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The whole scrape in Prometheus text format.
@@ -352,6 +361,20 @@ impl Metrics {
                     end
                 );
             }
+        }
+
+        if live.config.store.redis_url.is_some() {
+            family(
+                &mut out,
+                "tollgate_store_errors_total",
+                "counter",
+                "Failed syncs with a store, by store.",
+            );
+            let _ = writeln!(
+                out,
+                "tollgate_store_errors_total{{store=\"redis\"}} {}",
+                self.redis_errors.load(Ordering::Relaxed)
+            );
         }
 
         let mut encoded = Vec::new();

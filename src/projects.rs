@@ -5,11 +5,12 @@
 //! keeps every counter; all counters are atomics reached through lock-free map lookups.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use chrono::Utc;
 use dashmap::DashMap;
 use prometheus::Histogram;
+use tokio::sync::Notify;
 
 use crate::budget::Account;
 use crate::config::{Config, Project, RateLimitRule};
@@ -82,11 +83,15 @@ pub struct ProjectState {
 }
 
 impl ProjectState {
-    fn new(project: &Project, metrics: &Metrics) -> Self {
+    fn new(project: &Project, metrics: &Metrics, refill: Option<Arc<Notify>>) -> Self {
         let kind = project.budget.map_or(Period::Monthly, |b| b.period);
+        let account = match refill {
+            Some(refill) => Account::shared(kind, Utc::now(), refill),
+            None => Account::new(kind, Utc::now()),
+        };
         ProjectState {
             name: project.name.clone(),
-            account: Arc::new(Account::new(kind, Utc::now())),
+            account: Arc::new(account),
             usage: DashMap::new(),
             requests: DashMap::new(),
             rejections: DashMap::new(),
@@ -181,18 +186,35 @@ impl ProjectState {
 #[derive(Debug, Default)]
 pub struct Projects {
     by_name: DashMap<Arc<str>, Arc<ProjectState>>,
+    /// Whether budgets are shared through Redis: decided by the config the process starts with
+    /// (`store.redis_url`), since only `serve` starts the syncer; a reload does not change it.
+    shared: OnceLock<bool>,
+    /// Poked by a request refused for want of a shared budget's lease (see `store::redis`).
+    refill: Arc<Notify>,
 }
 
 impl Projects {
     /// Makes sure every project of `config` has its state; existing state is kept as is.
     pub fn sync(&self, config: &Config, metrics: &Metrics) {
+        let shared = *self.shared.get_or_init(|| config.store.redis_url.is_some());
         for project in &config.projects {
             if !self.by_name.contains_key(&project.name) {
+                let refill = shared.then(|| self.refill.clone());
                 self.by_name
                     .entry(project.name.clone())
-                    .or_insert_with(|| Arc::new(ProjectState::new(project, metrics)));
+                    .or_insert_with(|| Arc::new(ProjectState::new(project, metrics, refill)));
             }
         }
+    }
+
+    /// Whether budgets are shared through Redis.
+    pub fn shared(&self) -> bool {
+        self.shared.get().copied().unwrap_or(false)
+    }
+
+    /// What a request refused for want of a shared lease pokes.
+    pub fn refill(&self) -> Arc<Notify> {
+        self.refill.clone()
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<ProjectState>> {

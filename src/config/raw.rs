@@ -293,8 +293,8 @@ pub struct RawStore {
     /// settled since the last write is lost if the process dies. (200)
     #[serde(default = "default_flush_interval_ms")]
     pub flush_interval_ms: u64,
-    /// A `redis://` or `rediss://` URL, for sharing spend between replicas. Validated and kept;
-    /// not used yet. (unset)
+    /// A `redis://` or `rediss://` URL, for sharing budgets between replicas (read when the
+    /// process starts; a reload does not change it). (unset)
     pub redis_url: Option<String>,
     /// What to do while the ledger cannot be written: `open` keeps serving (usage stays queued
     /// in memory and is written when the ledger recovers), `closed` refuses requests.

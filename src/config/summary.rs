@@ -81,7 +81,7 @@ fn write_store(out: &mut String, store: &StoreConfig) {
     );
     // The URL may carry a password: only its redacted form is shown.
     if let Some(url) = store.redis_url_redacted() {
-        let _ = writeln!(out, "  redis: {url} (not used yet)");
+        let _ = writeln!(out, "  redis: {url} (budgets shared with other replicas)");
     }
 }
 

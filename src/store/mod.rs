@@ -1,5 +1,6 @@
 //! The usage ledger: settled usage queued in memory ([`Pending`]), written in batches by a
-//! background [`Flusher`] to a SQLite [`Ledger`], and read back for budgets and reports.
+//! background [`Flusher`] to a SQLite [`Ledger`], and read back for budgets and reports. With
+//! `redis_url`, [`SharedBudgets`] also shares each budget period's spend with other replicas.
 //!
 //! Invariant: every increment added to [`Pending`] is taken by exactly one [`Pending::drain`]
 //! (or put back by [`Pending::restore`] when its write failed), so the ledger counts each settled
@@ -7,6 +8,7 @@
 //! lookup, no I/O and no mutex.
 
 mod flusher;
+mod redis;
 mod sqlite;
 
 use std::path::PathBuf;
@@ -18,6 +20,7 @@ use dashmap::DashMap;
 use thiserror::Error;
 
 pub use flusher::Flusher;
+pub use redis::{SharedBudgets, SharedBudgetsError};
 pub use sqlite::{Dimension, Ledger, ReportQuery, ReportRow, SCHEMA_VERSION};
 
 use crate::budget::SpendSnapshot;
