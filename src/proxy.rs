@@ -921,6 +921,11 @@ impl Settlement {
 
 impl Settle for Settlement {
     fn settle(mut self: Box<Self>, report: Report, ending: Ending) {
+        let ending = if report.incomplete {
+            Ending::Cut
+        } else {
+            ending
+        };
         let usage = match report.usage {
             Some(usage) => usage,
             // The body ended cleanly and reported nothing (moderations, files): free.
@@ -928,7 +933,7 @@ impl Settle for Settlement {
             // Cut short or unreadable: charge what was likely generated.
             None => Usage {
                 input_tokens: self.estimate.input_tokens,
-                output_tokens: if self.estimate.streamed {
+                output_tokens: if self.estimate.streamed && !report.malformed {
                     report.events
                 } else {
                     self.estimate.output_tokens

@@ -85,6 +85,7 @@ pub async fn serve<H, F>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(server.header_read_timeout)
+        .max_buf_size(64 * 1024)
         .keep_alive(true);
     builder
         .http2()
@@ -121,10 +122,14 @@ pub async fn serve<H, F>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
+        let served = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let served_in = served.clone();
+        let first_request_timeout = server.header_read_timeout;
         let service = hyper::service::service_fn(move |request| {
+            served_in.store(true, std::sync::atomic::Ordering::Release);
             let handler = handler.clone();
             async move {
-                let response = AssertUnwindSafe(handler(request))
+                let response = AssertUnwindSafe(async move { handler(request).await })
                     .catch_unwind()
                     .await
                     .unwrap_or_else(|_| {
@@ -142,7 +147,22 @@ pub async fn serve<H, F>(
                     .into_owned();
                 let connection = graceful.watch(connection);
                 connections.spawn(async move {
-                    if let Err(err) = connection.await {
+                    tokio::pin!(connection);
+                    let result = tokio::select! {
+                        result = &mut connection => Some(result),
+                        () = tokio::time::sleep(first_request_timeout) => None,
+                    };
+                    let result = match result {
+                        Some(result) => result,
+                        None if served.load(std::sync::atomic::Ordering::Acquire) => {
+                            connection.await
+                        }
+                        None => {
+                            drop(permit);
+                            return;
+                        }
+                    };
+                    if let Err(err) = result {
                         tracing::debug!(error = %err, "connection ended with an error");
                     }
                     drop(permit);

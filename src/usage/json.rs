@@ -179,6 +179,11 @@ impl JsonScanner {
         found
     }
 
+    /// The document was opened and not closed.
+    pub(crate) fn incomplete(&self) -> bool {
+        self.depth > 0 || self.in_string
+    }
+
     /// The current document is a usage-only chunk so far: top-level `"choices": []` and a
     /// top-level `usage` that is not `null`.
     pub(crate) fn is_usage_only_chunk(&self) -> bool {

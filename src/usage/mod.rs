@@ -75,6 +75,8 @@ pub struct Report {
     /// A usage object was present but unreadable (wrong types, truncated, too large), or the
     /// body could not be decoded. Sticky: a later good usage object does not clear it.
     pub malformed: bool,
+    /// The body ended inside a JSON document or an SSE event.
+    pub incomplete: bool,
 }
 
 /// The scanner for one body format.
@@ -106,15 +108,16 @@ impl Scanner {
     }
 
     fn report(&self) -> Report {
-        let (found, events) = match self {
-            Scanner::Json(scanner) => (scanner.findings(), 0),
-            Scanner::Sse(scanner) => (scanner.findings(), scanner.events()),
+        let (found, events, incomplete) = match self {
+            Scanner::Json(scanner) => (scanner.findings(), 0, scanner.incomplete()),
+            Scanner::Sse(scanner) => (scanner.findings(), scanner.events(), scanner.incomplete()),
         };
         Report {
             usage: found.usage,
             model: found.model,
             events,
             malformed: found.malformed,
+            incomplete,
         }
     }
 }
@@ -251,6 +254,7 @@ mod tests {
             model: Some("gpt-4o-mini-2024-07-18".to_owned()),
             events: 6,
             malformed: false,
+            incomplete: false,
         }
     }
 
@@ -260,6 +264,7 @@ mod tests {
             model: Some("gpt-4.1-mini-2025-04-14".to_owned()),
             events: 10,
             malformed: false,
+            incomplete: false,
         }
     }
 
@@ -269,6 +274,7 @@ mod tests {
             model: Some("o4-mini-2025-04-16".to_owned()),
             events: 0,
             malformed: false,
+            incomplete: false,
         }
     }
 
@@ -343,6 +349,7 @@ mod tests {
                 model: Some("gpt-4.1-mini-2025-04-14".to_owned()),
                 events: 9,
                 malformed: false,
+                incomplete: false,
             }
         );
     }

@@ -80,6 +80,11 @@ impl SseScanner {
         }
     }
 
+    /// A partial event is pending.
+    pub(crate) fn incomplete(&self) -> bool {
+        self.line != LineState::Start || self.has_data
+    }
+
     /// Data events dispatched so far (`[DONE]` not counted).
     pub(crate) fn events(&self) -> u64 {
         self.events
