@@ -217,6 +217,11 @@ fn usage_json(c: &mut Criterion) -> Result<(), Error> {
     let small = completion(160);
     let large = completion(64 * 1024 - 600);
     let mut group = c.benchmark_group("usage json");
+    // The fixed part: a meter made and asked for its report, no body.
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("Meter::new + report, no body", |b| {
+        b.iter(|| meter_json(black_box(b""), 1))
+    });
     for (name, body, frame) in [
         ("~700 B whole", &small, usize::MAX),
         ("64 KiB whole", &large, usize::MAX),

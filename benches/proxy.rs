@@ -52,8 +52,11 @@ const REAL_KEY: &str = "sk-proj-bench-real-key-0123456789abcdef";
 const KEY_ENV: &str = "TOLLGATE_BENCH_OPENAI_KEY";
 const PROJECTS: usize = 1_000;
 const CREDENTIALS_PER_PROJECT: usize = 10;
-/// Content chunks in a streamed answer (the usage chunk and `[DONE]` come on top).
+/// Content chunks in a streamed answer (the usage chunk and `[DONE]` come on top); its usage
+/// reports one output token per chunk.
 const SSE_CHUNKS: usize = 200;
+/// Output tokens the non-streamed answer reports.
+const COMPLETION_TOKENS: u64 = 37;
 const PATH: &str = "/v1/chat/completions";
 
 /// The four targets, in the order they are driven.
@@ -289,7 +292,7 @@ fn completion_body() -> String {
             "logprobs": null,
             "finish_reason": "stop"
         }],
-        "usage": usage_json(42, 37),
+        "usage": usage_json(42, COMPLETION_TOKENS),
         "service_tier": "default",
         "system_fingerprint": FINGERPRINT
     });
@@ -956,6 +959,7 @@ fn tollgate_binary(target: &Path) -> Result<PathBuf, Error> {
 struct Started {
     proc: Proc,
     addr: SocketAddr,
+    admin: Option<SocketAddr>,
     notes: Vec<(String, Value)>,
 }
 
@@ -1044,6 +1048,7 @@ fn start_tollgate(
     Ok(Started {
         proc,
         addr: SocketAddr::from(([127, 0, 0, 1], listen)),
+        admin: Some(admin_addr),
         notes: vec![
             ("config_bytes".into(), json!(config_bytes)),
             ("check_ms".into(), json!(check_ms)),
@@ -1161,6 +1166,7 @@ fn start_nginx(binary: &Path, dir: &Path, upstream: SocketAddr) -> Result<Starte
     Ok(Started {
         proc,
         addr,
+        admin: None,
         notes: vec![("version".into(), json!(version))],
     })
 }
@@ -1423,6 +1429,8 @@ struct Target {
     /// `None` for `direct` (no proxy process).
     pid: Option<u32>,
     auths: Arc<[HeaderValue]>,
+    /// tollgate's admin listener, to read what it counted.
+    admin: Option<SocketAddr>,
 }
 
 #[derive(Clone)]
@@ -1544,9 +1552,9 @@ impl Bench {
 
     /// `TOLLGATE_BENCH_LONG=1`: `requests` requests to tollgate at 32 connections, its VmRSS
     /// sampled every tenth of them.
-    fn long_phase(&self, target: &Target, requests: u64, deadline: Duration) -> Value {
+    fn long_phase(&self, target: &Target, requests: u64, deadline: Duration) -> (Value, u64) {
         let Some(pid) = target.pid else {
-            return Value::Null;
+            return (Value::Null, 0);
         };
         let workload = Arc::new(Workload {
             host: HeaderValue::try_from(target.addr.to_string())
@@ -1602,19 +1610,84 @@ impl Bench {
             stats.errors,
             stats.ok as f64 / seconds
         ));
-        json!({
+        let report = json!({
             "requests": requests,
             "ok": stats.ok,
             "errors": stats.errors,
             "seconds": seconds,
             "vmrss_mib_samples": samples.iter().map(|(n, r)| json!({"after": n, "vmrss_mib": r})).collect::<Vec<_>>(),
             "vmrss_max_over_min": if ratio.is_finite() { json!(ratio) } else { Value::Null },
-        })
+        });
+        (report, stats.ok)
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // The bench
+
+/// What tollgate answered 200 to, warm-ups included, to check what it counted.
+#[derive(Default)]
+struct Served {
+    tollgate_json: u64,
+    tollgate_stream: u64,
+}
+
+impl Served {
+    fn add(&mut self, result: &PhaseResult) {
+        if result.target != "tollgate" {
+            return;
+        }
+        if result.stream {
+            self.tollgate_stream += result.requests;
+        } else {
+            self.tollgate_json += result.requests;
+        }
+    }
+}
+
+/// Reads tollgate's `/metrics` after the load and compares what it counted with what the
+/// bench was answered: a check that the meters ran on every response, not only that bytes
+/// went through.
+fn tollgate_counted(admin: SocketAddr, served: &Served) -> Value {
+    let Some(text) = http_get_body(admin, "/metrics") else {
+        out("tollgate /metrics: no answer\n");
+        return Value::Null;
+    };
+    let sum = |metric: &str, label: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(metric) && l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    let requests = sum("tollgate_requests_total{", "code=\"200\"");
+    let output = sum("tollgate_tokens_total{", "type=\"output\"");
+    let expected_requests = served.tollgate_json + served.tollgate_stream;
+    let expected_output =
+        served.tollgate_json * COMPLETION_TOKENS + served.tollgate_stream * SSE_CHUNKS as u64;
+    out(&format!(
+        "tollgate counted {requests} requests answered 200 (the bench got {expected_requests}) and \
+         {output} output tokens (the mock reported {expected_output})\n"
+    ));
+    json!({
+        "requests_200": requests,
+        "requests_200_expected": expected_requests,
+        "output_tokens": output,
+        "output_tokens_expected": expected_output,
+    })
+}
+
+/// A blocking HTTP/1.0 GET (so that the answer is not chunked); the body.
+fn http_get_body(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).ok()?;
+    let text = String::from_utf8(response).ok()?;
+    text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
+}
 
 fn watchdog(limit: Duration) {
     std::thread::spawn(move || {
@@ -1757,6 +1830,7 @@ fn run_bench() -> Result<(), Error> {
             addr: mock_addr,
             pid: None,
             auths: real_auth.clone(),
+            admin: None,
         });
     }
     if wants("passthrough") {
@@ -1769,6 +1843,7 @@ fn run_bench() -> Result<(), Error> {
             addr,
             pid: Some(proc.pid()),
             auths: token_auths.clone(),
+            admin: None,
         });
         procs.push(proc);
     }
@@ -1788,6 +1863,7 @@ fn run_bench() -> Result<(), Error> {
                     addr: started.addr,
                     pid: Some(started.proc.pid()),
                     auths: token_auths.clone(),
+                    admin: started.admin,
                 });
                 notes.insert(
                     "tollgate".into(),
@@ -1817,6 +1893,7 @@ fn run_bench() -> Result<(), Error> {
                             addr: started.addr,
                             pid: Some(started.proc.pid()),
                             auths: token_auths.clone(),
+                            admin: started.admin,
                         });
                         notes.insert(
                             "nginx".into(),
@@ -1847,6 +1924,7 @@ fn run_bench() -> Result<(), Error> {
     };
 
     let mut rounds: Vec<Vec<PhaseResult>> = Vec::new();
+    let mut served = Served::default();
     for round in 0..settings.rounds {
         let mut results = Vec::new();
         for target in &targets {
@@ -1857,10 +1935,12 @@ fn run_bench() -> Result<(), Error> {
                 target.name
             ));
             for spec in &WARMUP {
-                let _ = bench.run_phase(target, spec, settings.secs(spec.seconds));
+                let warm = bench.run_phase(target, spec, settings.secs(spec.seconds));
+                served.add(&warm);
             }
             for spec in &PHASES {
                 let result = bench.run_phase(target, spec, settings.secs(spec.seconds));
+                served.add(&result);
                 if result.errors > 0 {
                     eprintln!(
                         "proxy bench: {} {}: {} errors (statuses {:?})",
@@ -1876,11 +1956,20 @@ fn run_bench() -> Result<(), Error> {
 
     let long = if settings.long {
         match targets.iter().find(|t| t.name == "tollgate") {
-            Some(target) => bench.long_phase(target, settings.long_requests, settings.deadline),
+            Some(target) => {
+                let (report, ok) =
+                    bench.long_phase(target, settings.long_requests, settings.deadline);
+                served.tollgate_json += ok;
+                report
+            }
             None => Value::Null,
         }
     } else {
         Value::Null
+    };
+    let counted = match targets.iter().find_map(|t| t.admin) {
+        Some(admin) => tollgate_counted(admin, &served),
+        None => Value::Null,
     };
 
     let table = render_table(&results, &skipped, settings.long, expected_stream_bytes);
@@ -1910,6 +1999,7 @@ fn run_bench() -> Result<(), Error> {
         "ratios": ratios_json(&results),
         "loadavg_at_end": loadavg(),
         "long": long,
+        "tollgate_counted": counted,
     });
     let json_path = target_dir.join("bench-proxy.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
@@ -2069,7 +2159,7 @@ fn render_table(
     let _ = writeln!(
         t,
         "\nstream rows: p50/p99 are the time to the first body byte; µs/chunk = CPU per request / {SSE_CHUNKS}.\n\
-         CPU and RSS are the proxy's process tree (nginx: master + workers, RSS summed); `direct` is the\n\
+         CPU and RSS (peak, VmHWM) are the proxy's process tree (nginx: master + workers, summed); `direct` is the\n\
          load generator straight to the mock (no proxy), the ceiling of this machine."
     );
     for r in results.iter().filter(|r| r.stream && r.requests > 0) {
