@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, Registry, TextEncoder};
 
+use crate::pricing::format_usd as usd;
 use crate::projects::ProjectState;
 use crate::state::Live;
 
@@ -403,11 +404,6 @@ fn unreachable_metrics() -> ! {
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-/// Micro-dollars as a decimal USD value.
-fn usd(micro: u64) -> String {
-    format!("{}.{:06}", micro / 1_000_000, micro % 1_000_000)
 }
 
 /// A label value escaped for the text format.

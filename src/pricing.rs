@@ -32,6 +32,11 @@ impl Price {
     }
 }
 
+/// Micro-dollars as dollars with six decimals: `1_234_567` -> `1.234567`.
+pub fn format_usd(micro: u64) -> String {
+    format!("{}.{:06}", micro / 1_000_000, micro % 1_000_000)
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Pricing {
     /// Model name -> (label, price). The label is the entry's own name: a bounded metric label.

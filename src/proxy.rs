@@ -36,6 +36,7 @@ use crate::budget::{Charge, Exhausted, Reservation};
 use crate::config::{BudgetLimit, Project};
 use crate::error::{budget_message, ProxyError};
 use crate::inspect::{self, Inspected};
+use crate::pricing::format_usd as usd;
 use crate::projects::ProjectState;
 use crate::ratelimit::Limited as RateLimited;
 use crate::state::{AppState, Live};
@@ -623,10 +624,6 @@ fn add_rate_headers(headers: &mut HeaderMap, standing: &crate::ratelimit::Header
         put("x-ratelimit-remaining-tokens", tokens.remaining.to_string());
         put("x-ratelimit-reset-tokens", format_reset(tokens.reset));
     }
-}
-
-fn usd(micro: u64) -> String {
-    format!("{}.{:06}", micro / 1_000_000, micro % 1_000_000)
 }
 
 fn authorization(project: &Project) -> Result<HeaderValue, ProxyError> {

@@ -10,6 +10,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::pricing::format_usd as usd;
 use crate::store::{Dimension, Ledger, ReportQuery, ReportRow, StoreError, UsageDelta};
 
 /// How `tollgate usage` prints its report.
@@ -82,11 +83,6 @@ fn by_cost_then_keys(
         .micro_usd
         .cmp(&a.usage.micro_usd)
         .then_with(|| keys_a.cmp(keys_b))
-}
-
-/// Micro-dollars as dollars with 6 decimals: `1_234_567` -> `1.234567`.
-fn usd(micro: u64) -> String {
-    format!("{}.{:06}", micro / 1_000_000, micro % 1_000_000)
 }
 
 /// The metric cells of a usage, in [`METRICS`] order.
