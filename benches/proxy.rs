@@ -1064,7 +1064,8 @@ fn start_tollgate(
 
 fn find_nginx() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("TOLLGATE_BENCH_NGINX") {
-        return Some(PathBuf::from(path));
+        let path = PathBuf::from(path);
+        return path.is_file().then_some(path);
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     // Debian installs it in /usr/sbin, which is not on every user's PATH.
