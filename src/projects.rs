@@ -89,34 +89,26 @@ impl ProjectState {
             Some(refill) => Account::shared(kind, Utc::now(), refill),
             None => Account::new(kind, Utc::now()),
         };
+        Self::with_account(project.name.clone(), account, metrics)
+    }
+
+    /// The state that counts requests refused before a project was known (label `project=""`).
+    pub fn unauthenticated(metrics: &Metrics) -> Self {
+        let account = Account::new(Period::Total, Utc::now());
+        Self::with_account(Arc::from(""), account, metrics)
+    }
+
+    fn with_account(name: Arc<str>, account: Account, metrics: &Metrics) -> Self {
         ProjectState {
-            name: project.name.clone(),
+            duration: metrics.request_duration(&name),
+            first_byte: metrics.upstream_first_byte(&name),
+            name,
             account: Arc::new(account),
             usage: DashMap::new(),
             requests: DashMap::new(),
             rejections: DashMap::new(),
             unpriced: AtomicU64::new(0),
             in_flight: AtomicI64::new(0),
-            duration: metrics.request_duration(&project.name),
-            first_byte: metrics.upstream_first_byte(&project.name),
-            credential_accounts: DashMap::new(),
-            meters: DashMap::new(),
-            alerts: DashMap::new(),
-        }
-    }
-
-    /// The state that counts requests refused before a project was known (label `project=""`).
-    pub fn unauthenticated(metrics: &Metrics) -> Self {
-        ProjectState {
-            name: Arc::from(""),
-            account: Arc::new(Account::new(Period::Total, Utc::now())),
-            usage: DashMap::new(),
-            requests: DashMap::new(),
-            rejections: DashMap::new(),
-            unpriced: AtomicU64::new(0),
-            in_flight: AtomicI64::new(0),
-            duration: metrics.request_duration(""),
-            first_byte: metrics.upstream_first_byte(""),
             credential_accounts: DashMap::new(),
             meters: DashMap::new(),
             alerts: DashMap::new(),
