@@ -10,6 +10,7 @@ pub mod budget;
 pub mod config;
 pub mod error;
 pub mod inspect;
+pub mod logging;
 pub mod metrics;
 pub mod period;
 pub mod pricing;

@@ -1,8 +1,7 @@
 //! The `tollgate` command line: parse, set up logging, load the config (exit 1 with the error),
 //! and hand over to the library.
 
-use std::io::{IsTerminal, Read, Write};
-use std::os::fd::AsFd;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -10,7 +9,6 @@ use chrono::{Days, NaiveDate};
 use clap::{Parser, Subcommand, ValueEnum};
 use rand::RngCore;
 use tokio::sync::watch;
-use tracing_subscriber::EnvFilter;
 
 use tollgate::report::{self, ReportFormat};
 use tollgate::state::AppState;
@@ -215,28 +213,10 @@ fn out(text: &str) {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let stdout = std::io::stdout();
-    // Colours only for a person at a terminal: escape codes cost a third of the per-request
-    // log line and are noise in a file or a log collector.
-    let ansi = stdout.is_terminal();
-    // Each event is formatted into a buffer and written with one write(2). Through a
-    // duplicate of the descriptor those writes take no lock of ours: `Stdout`'s mutex, taken by
-    // both runtime workers for every request line, was the process's most contended lock. A
-    // line is still written whole (the kernel serialises writes to a file; a pipe takes up to
-    // 4 KiB atomically).
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi);
-    match (
-        stdout.as_fd().try_clone_to_owned().map(std::fs::File::from),
-        format,
-    ) {
-        (Ok(file), LogFormat::Text) => builder.with_writer(file).init(),
-        (Ok(file), LogFormat::Json) => builder.json().flatten_event(true).with_writer(file).init(),
-        (Err(_), LogFormat::Text) => builder.init(),
-        (Err(_), LogFormat::Json) => builder.json().flatten_event(true).init(),
-    }
+    tollgate::logging::init(match format {
+        LogFormat::Text => tollgate::logging::Format::Text,
+        LogFormat::Json => tollgate::logging::Format::Json,
+    });
 }
 
 fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
@@ -250,6 +230,8 @@ fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_park(tollgate::logging::flush_thread)
+        .on_thread_stop(tollgate::logging::flush_thread)
         .build()
     {
         Ok(runtime) => runtime,

@@ -317,7 +317,7 @@ async fn forward(
         .map_err(|_| fail(ProxyError::Internal))?;
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
-    headers.remove(header::AUTHORIZATION);
+    // (The client's Authorization is replaced below.)
     headers.remove(header::HOST);
     headers.remove(OPENAI_PROJECT);
     headers.remove(OPENAI_ORGANIZATION);
@@ -336,7 +336,7 @@ async fn forward(
             HeaderValue::from_static("identity"),
         );
     }
-    headers.insert(header::AUTHORIZATION, authorization(project).map_err(fail)?);
+    headers.insert(header::AUTHORIZATION, project.authorization.clone());
     if let Some(value) = &project.openai_project {
         headers.insert(OPENAI_PROJECT, value.clone());
     }
@@ -626,15 +626,11 @@ fn add_rate_headers(headers: &mut HeaderMap, standing: &crate::ratelimit::Header
     }
 }
 
-fn authorization(project: &Project) -> Result<HeaderValue, ProxyError> {
-    let mut value = HeaderValue::try_from(format!("Bearer {}", project.api_key.expose()))
-        .map_err(|_| ProxyError::Internal)?;
-    // Keeps the key out of HPACK tables and out of any header dump.
-    value.set_sensitive(true);
-    Ok(value)
-}
-
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names instead of a dozen lookups.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Headers named by Connection are hop-by-hop too.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -661,6 +657,18 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
 fn response_format(headers: &HeaderMap) -> Option<Format> {
     let content_type = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
     let essence = content_type.split(';').next()?.trim();
@@ -678,9 +686,7 @@ fn add_budget_headers(
     project: &Project,
     spend: Option<crate::budget::SpendSnapshot>,
 ) {
-    if let Ok(name) = HeaderValue::from_str(&project.name) {
-        headers.insert(X_TOLLGATE_PROJECT, name);
-    }
+    headers.insert(X_TOLLGATE_PROJECT, project.name_header.clone());
     let (Some(limit), Some(spend)) = (project.budget, spend) else {
         return;
     };
@@ -900,8 +906,8 @@ impl Settlement {
         let elapsed = self.started.elapsed();
         self.state.duration.observe(elapsed.as_secs_f64());
         tracing::info!(
-            project = %project.name,
-            credential = %self.credential,
+            project = &*project.name,
+            credential = &*self.credential,
             model = model.unwrap_or(""),
             status,
             input_tokens = usage.input_tokens,

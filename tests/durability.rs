@@ -1104,3 +1104,58 @@ async fn a_restart_keeps_the_budget_spent() {
     second.stop().await;
     assert_eq!(ledger_total(dir.path()).tokens(), spent);
 }
+
+/// The request log is batched per runtime worker (see `logging`): a line still reaches the
+/// output as soon as the worker runs out of work, and after a load and a graceful stop every
+/// request has its one whole line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_is_logged_whole_and_promptly() {
+    let tokens = Tokens {
+        input: 100,
+        output: 50,
+        cached: 0,
+        reasoning: 0,
+    };
+    let mock = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = client();
+    let mut tollgate = Tollgate::start(dir.path(), &mock.base_url(), BIG_BUDGET).await;
+    let request_lines = |log: &str| {
+        log.lines()
+            .filter(|line| line.contains(" request ") && line.contains("status="))
+            .count()
+    };
+
+    // One request on an idle proxy: its line is out well before any batch would fill.
+    let answer = chat(&client, &tollgate.url(""), tokens, Shape::Json)
+        .await
+        .unwrap();
+    assert_complete(&answer, Shape::Json, tokens);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while request_lines(&tollgate.log_text()) < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the request's line is not in the log after 2 s:\n{}",
+            tollgate.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let sent = send_batch(&client, &tollgate.url(""), 0..400, 25).await;
+    assert_reported_is(&mock.reported(), 401, &{
+        let mut all = sent;
+        all.add(&tokens);
+        all
+    });
+    tollgate.stop().await;
+    let log = tollgate.log_text();
+    assert_eq!(request_lines(&log), 401, "{log}");
+    for line in log.lines() {
+        // Each line is one whole event: a timestamp, a level, and nothing glued after it.
+        assert!(
+            line.starts_with("20")
+                && line.matches(" INFO ").count() + line.matches(" WARN ").count() <= 1,
+            "a torn or merged line: {line:?}"
+        );
+    }
+}

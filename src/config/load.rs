@@ -354,7 +354,7 @@ impl Loader<'_> {
 
     fn project(&self, key: &str, raw: &RawProject) -> Result<(Project, Vec<TokenHash>)> {
         let name = self.project_name(&format!("{key}.name"), raw.name.as_deref())?;
-        let api_key = self.api_key(key, raw)?;
+        let (api_key, authorization) = self.api_key(key, raw)?;
         let openai_project =
             self.header_value(&format!("{key}.openai_project"), &raw.openai_project)?;
         let openai_organization = self.header_value(
@@ -398,8 +398,11 @@ impl Loader<'_> {
             rate_limits.push(self.rate_limit(&format!("{key}.rate_limits[{index}]"), rule)?);
         }
         let project = Project {
+            name_header: HeaderValue::from_str(&name)
+                .map_err(|_| self.err(format!("{key}.name"), "not a valid header value"))?,
             name,
             api_key,
+            authorization,
             openai_project,
             openai_organization,
             models,
@@ -430,7 +433,8 @@ impl Loader<'_> {
         Ok(Arc::from(name))
     }
 
-    fn api_key(&self, key: &str, raw: &RawProject) -> Result<Secret> {
+    /// The project's key, and the `Authorization` header that carries it upstream.
+    fn api_key(&self, key: &str, raw: &RawProject) -> Result<(Secret, HeaderValue)> {
         let (field, value) = match (&raw.api_key_env, &raw.api_key_file) {
             (Some(_), Some(_)) => {
                 return Err(self.err(
@@ -460,10 +464,12 @@ impl Loader<'_> {
             }
         };
         // The key travels as `Authorization: Bearer <key>`: refuse now what could not be sent.
-        if HeaderValue::from_str(&format!("Bearer {value}")).is_err() {
+        let Ok(mut authorization) = HeaderValue::from_str(&format!("Bearer {value}")) else {
             return Err(self.err(field, "the key is not a valid header value"));
-        }
-        Ok(Secret::new(value))
+        };
+        // Keeps the key out of HPACK tables and out of any header dump.
+        authorization.set_sensitive(true);
+        Ok((Secret::new(value), authorization))
     }
 
     /// The trimmed value of the environment variable `var`, which must be set and non-empty.

@@ -189,7 +189,11 @@ impl OnStoreError {
 #[derive(Debug)]
 pub struct Project {
     pub name: Arc<str>,
+    /// The name as a header value (`x-tollgate-project`), built once.
+    pub name_header: http::HeaderValue,
     pub api_key: Secret,
+    /// `Bearer <api_key>`, built once and marked sensitive (its `Debug` prints no key).
+    pub authorization: http::HeaderValue,
     pub openai_project: Option<http::HeaderValue>,
     pub openai_organization: Option<http::HeaderValue>,
     pub models: ModelPolicy,

@@ -146,11 +146,31 @@ impl JsonScanner {
             if self.in_string {
                 let used = self.feed_string(rest);
                 rest = rest.get(used..).unwrap_or_default();
+            } else if self.skipping() {
+                // Between tokens that matter, a run of whitespace, literals and (outside the
+                // watched objects) separators changes nothing: pass over it in one go.
+                let watched = self.watched();
+                let run = rest
+                    .iter()
+                    .position(|&c| is_structural(c, watched))
+                    .unwrap_or(rest.len());
+                if run == 0 {
+                    self.feed_byte(b);
+                    rest = tail;
+                } else {
+                    rest = rest.get(run..).unwrap_or_default();
+                }
             } else {
                 self.feed_byte(b);
                 rest = tail;
             }
         }
+    }
+
+    /// Nothing is being captured and no value or array is about to start: only structural
+    /// bytes can change the state.
+    fn skipping(&self) -> bool {
+        self.capture == Capture::None && !self.awaiting_value && !self.choices_open
     }
 
     /// Ends the current document (an SSE event ended): a usage value still open is judged as
@@ -446,6 +466,12 @@ fn push_capped(buf: &mut Vec<u8>, overflow: &mut bool, bytes: &[u8], cap: usize)
 
 fn is_whitespace(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+/// A byte that changes the scanner's state when nothing is being captured: strings and
+/// containers everywhere, and the separators of a watched object.
+fn is_structural(b: u8, watched: bool) -> bool {
+    matches!(b, b'"' | b'{' | b'}' | b'[' | b']') || (watched && matches!(b, b':' | b','))
 }
 
 /// Ends a literal.
