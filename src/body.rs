@@ -54,7 +54,10 @@ pin_project_lite::pin_project! {
 /// is metered, the meter, the filter and the settlement.
 pub struct Watch {
     idle: Duration,
+    /// Fires `idle` after the last frame, or earlier: it is re-armed lazily, only when it
+    /// fires, not on every frame (a reset takes the timer wheel's lock).
     sleep: Pin<Box<Sleep>>,
+    last_frame: Instant,
     meter: Option<Meter>,
     filter: Option<UsageChunkFilter>,
     settle: Option<Box<dyn Settle>>,
@@ -102,11 +105,13 @@ impl ProxyBody {
         filter: Option<UsageChunkFilter>,
         settle: Option<Box<dyn Settle>>,
     ) -> Self {
+        let now = Instant::now();
         ProxyBody::Upstream {
             inner,
             watch: Box::new(Watch {
                 idle,
-                sleep: Box::pin(tokio::time::sleep(idle)),
+                sleep: Box::pin(tokio::time::sleep_until(now + idle)),
+                last_frame: now,
                 meter,
                 filter,
                 settle,
@@ -133,7 +138,14 @@ impl Body for ProxyBody {
                 let polled = inner.as_mut().poll_frame(cx);
                 let frame = match polled {
                     Poll::Pending => {
-                        if watch.sleep.as_mut().poll(cx).is_ready() {
+                        while watch.sleep.as_mut().poll(cx).is_ready() {
+                            let deadline = watch.last_frame + watch.idle;
+                            if deadline > Instant::now() {
+                                // Frames came since it was armed: wait for the rest of the
+                                // idle time after the last one (polling again registers it).
+                                watch.sleep.as_mut().reset(deadline);
+                                continue;
+                            }
                             watch.ended = true;
                             watch.finish(Ending::Cut);
                             return Poll::Ready(Some(Err(Box::new(IdleTimeout(watch.idle)))));
@@ -142,8 +154,7 @@ impl Body for ProxyBody {
                     }
                     Poll::Ready(frame) => frame,
                 };
-                let deadline = Instant::now() + watch.idle;
-                watch.sleep.as_mut().reset(deadline);
+                watch.last_frame = Instant::now();
                 match frame {
                     None => {
                         watch.ended = true;
