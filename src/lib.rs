@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod inspect;
 pub mod logging;
+pub mod maps;
 pub mod metrics;
 pub mod period;
 pub mod pricing;

@@ -4,9 +4,9 @@
 //! (`gpt-4o-mini-2024-07-18`) resolve to their base entry (`gpt-4o-mini`) unless the snapshot
 //! has an entry of its own.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::maps::FastMap;
 use crate::usage::Usage;
 
 /// USD per one million tokens, kept as micro-dollars per million tokens so that the arithmetic
@@ -40,7 +40,7 @@ pub fn format_usd(micro: u64) -> String {
 #[derive(Debug, Clone, Default)]
 pub struct Pricing {
     /// Model name -> (label, price). The label is the entry's own name: a bounded metric label.
-    models: HashMap<Arc<str>, Price>,
+    models: FastMap<Arc<str>, Price>,
     /// Charged for a model with no entry.
     pub fallback: Price,
 }
@@ -54,7 +54,7 @@ pub struct Priced {
 }
 
 impl Pricing {
-    pub fn new(models: HashMap<Arc<str>, Price>, fallback: Price) -> Self {
+    pub fn new(models: FastMap<Arc<str>, Price>, fallback: Price) -> Self {
         Pricing { models, fallback }
     }
 
@@ -128,7 +128,7 @@ mod tests {
     use super::*;
 
     fn table() -> Pricing {
-        let mut models = HashMap::new();
+        let mut models = FastMap::default();
         models.insert(
             Arc::from("gpt-4o-mini"),
             Price {

@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use chrono::Utc;
-use dashmap::DashMap;
 use prometheus::Histogram;
 use tokio::sync::Notify;
 
+use crate::maps::ConcurrentMap;
 use crate::budget::Account;
 use crate::config::{Config, Project, RateLimitRule};
 use crate::metrics::Metrics;
@@ -64,22 +64,22 @@ pub struct ProjectState {
     pub name: Arc<str>,
     pub account: Arc<Account>,
     /// (credential, model label) -> usage.
-    pub usage: DashMap<(Arc<str>, Arc<str>), Arc<UsageCell>>,
+    pub usage: ConcurrentMap<(Arc<str>, Arc<str>), Arc<UsageCell>>,
     /// (model label, HTTP status) -> requests answered.
-    pub requests: DashMap<(Arc<str>, u16), AtomicU64>,
+    pub requests: ConcurrentMap<(Arc<str>, u16), AtomicU64>,
     /// Rejection reason -> count.
-    pub rejections: DashMap<&'static str, AtomicU64>,
+    pub rejections: ConcurrentMap<&'static str, AtomicU64>,
     /// Requests charged at the fallback price because their model has none.
     pub unpriced: AtomicU64,
     pub in_flight: AtomicI64,
     pub duration: Histogram,
     pub first_byte: Histogram,
     /// Budget accounts of the credentials that have a budget of their own.
-    pub credential_accounts: DashMap<Arc<str>, Arc<Account>>,
+    pub credential_accounts: ConcurrentMap<Arc<str>, Arc<Account>>,
     /// Rate-limit meters by rule (pattern and limits), kept across reloads.
-    pub meters: DashMap<Arc<str>, Arc<RuleMeters>>,
+    pub meters: ConcurrentMap<Arc<str>, Arc<RuleMeters>>,
     /// Budget alerts fired, by threshold index of `alert_at`.
-    pub alerts: DashMap<String, AtomicU64>,
+    pub alerts: ConcurrentMap<String, AtomicU64>,
 }
 
 impl ProjectState {
@@ -104,14 +104,14 @@ impl ProjectState {
             first_byte: metrics.upstream_first_byte(&name),
             name,
             account: Arc::new(account),
-            usage: DashMap::new(),
-            requests: DashMap::new(),
-            rejections: DashMap::new(),
+            usage: ConcurrentMap::default(),
+            requests: ConcurrentMap::default(),
+            rejections: ConcurrentMap::default(),
             unpriced: AtomicU64::new(0),
             in_flight: AtomicI64::new(0),
-            credential_accounts: DashMap::new(),
-            meters: DashMap::new(),
-            alerts: DashMap::new(),
+            credential_accounts: ConcurrentMap::default(),
+            meters: ConcurrentMap::default(),
+            alerts: ConcurrentMap::default(),
         }
     }
 
@@ -177,7 +177,7 @@ impl ProjectState {
 /// All projects' state, by name.
 #[derive(Debug, Default)]
 pub struct Projects {
-    by_name: DashMap<Arc<str>, Arc<ProjectState>>,
+    by_name: ConcurrentMap<Arc<str>, Arc<ProjectState>>,
     /// Whether budgets are shared through Redis: decided by the config the process starts with
     /// (`store.redis_url`), since only `serve` starts the syncer; a reload does not change it.
     shared: OnceLock<bool>,

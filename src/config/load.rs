@@ -29,6 +29,7 @@ use super::{
     Project, RateLimitRule, ReservationConfig, Secret, ServerConfig, StoreConfig, TlsFiles,
     TokenHash, UpstreamConfig,
 };
+use crate::maps::FastMap;
 use crate::period::Period;
 use crate::pricing::{Price, Pricing};
 
@@ -144,7 +145,7 @@ impl Loader<'_> {
 
         let mut projects = Vec::with_capacity(raw.projects.len());
         let mut names: HashMap<String, usize> = HashMap::new();
-        let mut tokens: HashMap<TokenHash, CredentialRef> = HashMap::new();
+        let mut tokens: FastMap<TokenHash, CredentialRef> = FastMap::default();
         for (index, raw_project) in raw.projects.iter().enumerate() {
             let key = format!("projects[{index}]");
             let (project, hashes) = self.project(&key, raw_project)?;
@@ -303,7 +304,7 @@ impl Loader<'_> {
                 self.err(key, format!("{inner}: {why} in {at}"))
             }
         })?;
-        let mut models = HashMap::with_capacity(file.models.len());
+        let mut models = FastMap::with_capacity_and_hasher(file.models.len(), Default::default());
         for (name, raw_price) in &file.models {
             if name.is_empty() {
                 return Err(self.err(key, "models.\"\": a model name must not be empty"));

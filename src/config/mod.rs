@@ -8,7 +8,6 @@ mod load;
 mod raw;
 mod summary;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,6 +20,7 @@ use globset::GlobSet;
 pub use load::{load, load_str, ConfigError};
 pub use summary::{summary, summary_at};
 
+use crate::maps::FastMap;
 use crate::period::Period;
 use crate::pricing::Pricing;
 
@@ -59,7 +59,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub projects: Vec<Arc<Project>>,
     /// Token hash -> (index into `projects`, index into that project's `credentials`).
-    pub tokens: HashMap<TokenHash, CredentialRef>,
+    pub tokens: FastMap<TokenHash, CredentialRef>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,13 +16,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use chrono::{DateTime, Days, NaiveDate, Utc};
-use dashmap::DashMap;
 use thiserror::Error;
 
 pub use flusher::Flusher;
 pub use redis::{SharedBudgets, SharedBudgetsError};
 pub use sqlite::{Dimension, Ledger, ReportQuery, ReportRow, SCHEMA_VERSION};
 
+use crate::maps::ConcurrentMap;
 use crate::budget::SpendSnapshot;
 use crate::period::Period;
 use crate::usage::Usage;
@@ -240,7 +240,7 @@ impl DeltaCell {
 /// new cell.
 #[derive(Debug, Default)]
 pub struct Pending {
-    cells: DashMap<UsageKey, DeltaCell>,
+    cells: ConcurrentMap<UsageKey, DeltaCell>,
 }
 
 impl Pending {
