@@ -29,7 +29,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch, Semaphore};
 
 use crate::state::AppState;
 
@@ -68,6 +68,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Tls(#[from] server::TlsError),
+    #[error("cannot start a proxy thread: {0}")]
+    Thread(std::io::Error),
     #[error(transparent)]
     Upstream(#[from] upstream::UpstreamError),
     #[error(transparent)]
@@ -146,14 +148,7 @@ pub async fn run(
         };
         (server, tls)
     };
-    let proxy_state = state.clone();
-    let proxy = server::serve(
-        listeners.proxy,
-        tls,
-        &server,
-        move |request| proxy::handle(proxy_state.clone(), request),
-        shutdown.clone(),
-    );
+    let proxy = spawn_proxy_threads(&state, listeners.proxy, tls, &server, &shutdown)?;
     let shutdown_watch = shutdown.clone();
     let admin_state = state.clone();
     let admin = server::serve(
@@ -161,6 +156,7 @@ pub async fn run(
         None,
         &server,
         move |request| admin::handle(admin_state.clone(), request),
+        Arc::new(Semaphore::new(server.max_connections)),
         shutdown,
     );
     let alerts = state.alerts.deliver().map(tokio::spawn);
@@ -172,6 +168,12 @@ pub async fn run(
         server::stopping(&mut draining).await;
         state.ready.store(false, Ordering::Release);
     };
+    let proxy = async {
+        for done in proxy {
+            // An error: the thread is gone (it could not start its event loop), nothing to wait for.
+            let _ = done.await;
+        }
+    };
     tokio::join!(proxy, admin, unready);
     state.ready.store(false, Ordering::Release);
     if let Some(alerts) = alerts {
@@ -179,4 +181,68 @@ pub async fn run(
         alerts.abort();
     }
     Ok(())
+}
+
+/// Serves the proxy listener on `server.workers` threads, each running a single-threaded event
+/// loop of its own with its own upstream client and pool: a request is served start to end on
+/// the thread that accepted its connection, without the cross-thread wake-ups and task
+/// migrations of a work-stealing runtime (hyper wakes the connection's own task while it
+/// hands a request body to the handler; a work-stealing runtime answers that by waking an idle
+/// thread, twice per request). The kernel gives each new connection to whichever thread
+/// accepts it first. Each receiver resolves when its thread has drained its connections.
+fn spawn_proxy_threads(
+    state: &Arc<AppState>,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    server: &config::ServerConfig,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<Vec<oneshot::Receiver<()>>, StartError> {
+    let bind_error = |source: std::io::Error| StartError::Bind {
+        addr: server.listen.to_string(),
+        source,
+    };
+    let listener = listener.into_std().map_err(bind_error)?;
+    let permits = Arc::new(Semaphore::new(server.max_connections));
+    let upstream_config = state.live.load().config.upstream.clone();
+    let mut finished = Vec::with_capacity(server.workers);
+    for index in 0..server.workers {
+        let listener = listener.try_clone().map_err(bind_error)?;
+        let client = upstream::Upstream::new(&upstream_config)?;
+        let (state, tls, config) = (state.clone(), tls.clone(), server.clone());
+        let (permits, shutdown) = (permits.clone(), shutdown.clone());
+        let (done, finishing) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("tollgate-proxy-{index}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .on_thread_park(logging::flush_thread)
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(err) => {
+                        tracing::error!(error = %err, "a proxy thread cannot start its event loop");
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(listener) => listener,
+                        Err(err) => {
+                            tracing::error!(error = %err, "a proxy thread cannot use the listener");
+                            return;
+                        }
+                    };
+                    let handler =
+                        move |request| proxy::handle(state.clone(), client.clone(), request);
+                    server::serve(listener, tls, &config, handler, permits, shutdown).await;
+                });
+                drop(runtime);
+                logging::flush_thread();
+                let _ = done.send(());
+            });
+        thread.map_err(StartError::Thread)?;
+        finished.push(finishing);
+    }
+    Ok(finished)
 }

@@ -11,9 +11,9 @@ use chrono::Utc;
 use prometheus::Histogram;
 use tokio::sync::Notify;
 
-use crate::maps::ConcurrentMap;
 use crate::budget::Account;
 use crate::config::{Config, Project, RateLimitRule};
+use crate::maps::ConcurrentMap;
 use crate::metrics::Metrics;
 use crate::period::Period;
 use crate::ratelimit::RuleMeters;

@@ -41,6 +41,7 @@ use crate::projects::ProjectState;
 use crate::ratelimit::Limited as RateLimited;
 use crate::state::{AppState, Live};
 use crate::store::{UsageDelta, UsageKey};
+use crate::upstream::Upstream;
 use crate::usage::{Encoding, Format, Meter, Report, Usage, UsageChunkFilter};
 
 /// Largest `GET /v1/models` answer tollgate reads to filter it.
@@ -66,12 +67,17 @@ impl From<ProxyError> for Rejection {
     }
 }
 
-/// Serves one data-plane request. Never fails: every error becomes an OpenAI-shaped answer.
-pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Response<ProxyBody> {
+/// Serves one data-plane request through `upstream` (the client of the calling thread's event
+/// loop). Never fails: every error becomes an OpenAI-shaped answer.
+pub async fn handle(
+    state: Arc<AppState>,
+    upstream: Upstream,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
     let started = Instant::now();
     let live = state.live.load_full();
     let (parts, body) = request.into_parts();
-    match forward(&state, &live, parts, body, started).await {
+    match forward(&state, &upstream, &live, parts, body, started).await {
         Ok(response) => response,
         Err(rejection) => reject(&state, &live, rejection, started),
     }
@@ -121,6 +127,7 @@ fn reject(
 
 async fn forward(
     state: &Arc<AppState>,
+    client: &Upstream,
     live: &Arc<Live>,
     parts: Parts,
     body: Incoming,
@@ -311,8 +318,7 @@ async fn forward(
 
     // 6. forward
     let path_and_query = parts.uri.path_and_query().map_or(path, |pq| pq.as_str());
-    let uri = state
-        .upstream
+    let uri = client
         .uri(path_and_query)
         .map_err(|_| fail(ProxyError::Internal))?;
     let mut headers = parts.headers;
@@ -369,11 +375,7 @@ async fn forward(
     };
     let sent = Instant::now();
     let upstream = &live.config.upstream;
-    let response = match tokio::time::timeout(
-        upstream.request_timeout,
-        state.upstream.send(outgoing),
-    )
-    .await
+    let response = match tokio::time::timeout(upstream.request_timeout, client.send(outgoing)).await
     {
         Ok(Ok(response)) => response,
         Ok(Err(err)) => {

@@ -69,12 +69,14 @@ pub fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
 }
 
 /// Serves `handler` on `listener` until `shutdown` turns true, then drains for at most
-/// `server.shutdown_grace`.
+/// `server.shutdown_grace`. A connection is accepted only with one of `permits`, which may be
+/// shared by several accept loops on the same listener.
 pub async fn serve<H, F>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     server: &ServerConfig,
     handler: H,
+    permits: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -94,7 +96,6 @@ pub async fn serve<H, F>(
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(server.max_connections));
     // Every connection task is owned here, so that the ones still running when the grace
     // period ends are cut (and their requests settled) before `serve` returns.
     let mut connections = tokio::task::JoinSet::new();

@@ -1,6 +1,5 @@
 //! The shared state of a running tollgate: the live config snapshot (swapped whole on reload)
-//! and the long-lived state that a reload must keep (project counters, metrics, the upstream
-//! client).
+//! and the long-lived state that a reload must keep (project counters, metrics).
 //!
 //! Invariant: `Live::states[i]` is the state of `Live::config.projects[i]`; both are built
 //! together before the swap, so a request that loads one snapshot sees a matching pair.
@@ -30,7 +29,6 @@ pub struct AppState {
     pub live: ArcSwap<Live>,
     pub projects: Projects,
     pub metrics: Metrics,
-    pub upstream: Upstream,
     /// Requests refused before a project was known (no or bad token).
     pub unauthenticated: ProjectState,
     /// Settled usage not yet written to the ledger.
@@ -43,14 +41,15 @@ impl AppState {
     pub fn new(config: Config) -> Result<Arc<Self>, crate::upstream::UpstreamError> {
         let metrics = Metrics::new();
         let projects = Projects::default();
-        let upstream = Upstream::new(&config.upstream)?;
+        // Each proxy thread makes a client of its own (see `run`); one made here proves at
+        // start that the TLS setup works.
+        Upstream::new(&config.upstream)?;
         let unauthenticated = ProjectState::unauthenticated(&metrics);
         let live = resolve(config, &projects, &metrics);
         Ok(Arc::new(AppState {
             live: ArcSwap::from_pointee(live),
             projects,
             metrics,
-            upstream,
             unauthenticated,
             pending: Arc::new(Pending::new()),
             alerts: crate::alerts::Alerts::default(),

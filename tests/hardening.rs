@@ -1297,7 +1297,15 @@ where
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(async move {
-        tollgate::server::serve(listener, None, &server, handler, stopped).await;
+        tollgate::server::serve(
+            listener,
+            None,
+            &server,
+            handler,
+            std::sync::Arc::new(tokio::sync::Semaphore::new(server.max_connections)),
+            stopped,
+        )
+        .await;
     });
     (addr, stop, task)
 }

@@ -203,6 +203,21 @@ impl Loader<'_> {
             "server.max_concurrent_streams",
             u64::from(raw.max_concurrent_streams),
         )?;
+        let workers = match raw.workers {
+            Some(workers) => {
+                self.at_least_one("server.workers", workers)?;
+                match usize::try_from(workers) {
+                    Ok(workers) if workers <= MAX_WORKERS => workers,
+                    _ => {
+                        return Err(self.err(
+                            "server.workers",
+                            format!("{workers} threads: at most {MAX_WORKERS}"),
+                        ))
+                    }
+                }
+            }
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
         let tls = match (&raw.tls_cert, &raw.tls_key) {
             (None, None) => None,
             (Some(_), None) => {
@@ -232,6 +247,7 @@ impl Loader<'_> {
             keepalive_idle_timeout: Duration::from_millis(raw.keepalive_idle_timeout_ms),
             max_connections: raw.max_connections,
             max_concurrent_streams: raw.max_concurrent_streams,
+            workers,
         })
     }
 
@@ -741,6 +757,9 @@ impl Loader<'_> {
 
 /// The shortest `store.flush_interval_ms`: below it the writer would spin on tiny batches.
 const MIN_FLUSH_INTERVAL_MS: u64 = 10;
+
+/// More proxy threads than this is a typo, not a machine.
+const MAX_WORKERS: usize = 1024;
 
 /// A price in micro-dollars per 1M tokens; on error, the field at fault and why.
 fn price(raw: &RawPrice) -> Result<Price, (&'static str, String)> {
@@ -1266,6 +1285,7 @@ header_read_timeout_ms = 1
 keepalive_idle_timeout_ms = 2
 max_connections = 3
 max_concurrent_streams = 4
+workers = 5
 
 [admin]
 listen = "[::1]:9999"
@@ -1328,6 +1348,7 @@ expires_at = "2027-01-01T00:00:00Z"
         assert_eq!(server.keepalive_idle_timeout, Duration::from_millis(2));
         assert_eq!(server.max_connections, 3);
         assert_eq!(server.max_concurrent_streams, 4);
+        assert_eq!(server.workers, 5);
         assert_eq!(config.admin.listen, "[::1]:9999".parse().unwrap());
         assert_eq!(config.admin.token.as_ref().unwrap().expose(), "admin-token");
         let upstream = &config.upstream;
@@ -1465,8 +1486,12 @@ archived = true
             "store: {}, written every 200 ms, on store error: open (keep serving)",
             dir_of(&config).join("data/tollgate.db").display()
         );
+        let server_line = format!(
+            "server: 127.0.0.1:8080 (http), {} worker threads, max body 33554432 bytes, max 10000 connections",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        );
         let expected = [
-            "server: 127.0.0.1:8080 (http), max body 33554432 bytes, max 10000 connections",
+            server_line.as_str(),
             "admin: 127.0.0.1:9090, admin token not set (/admin/* answers 403)",
             "upstream: https://api.openai.com/",
             "pricing: 2 models; unpriced models charged $10.00 input, $10.00 cached input, $30.00 output per 1M tokens",
@@ -1957,6 +1982,10 @@ archived = true
     fn zero_limits_are_refused() {
         let e = err("[server]\nmax_connections = 0\n");
         assert_err(&e, "server.max_connections", "must be at least 1");
+        let e = err("[server]\nworkers = 0\n");
+        assert_err(&e, "server.workers", "must be at least 1");
+        let e = err("[server]\nworkers = 100000\n");
+        assert_err(&e, "server.workers", "100000 threads: at most 1024");
         let e = err("[upstream]\nrequest_timeout_ms = 0\n");
         assert_err(&e, "upstream.request_timeout_ms", "must be at least 1");
     }

@@ -79,6 +79,8 @@ pub struct ServerConfig {
     pub keepalive_idle_timeout: Duration,
     pub max_connections: usize,
     pub max_concurrent_streams: u32,
+    /// Threads serving the proxy listener, each running its own event loop.
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone)]

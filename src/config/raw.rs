@@ -75,6 +75,9 @@ pub struct RawServer {
     /// HTTP/2 streams per connection at most; at least 1. (256)
     #[serde(default = "default_max_concurrent_streams")]
     pub max_concurrent_streams: u32,
+    /// Threads that serve the proxy listener, each with an event loop of its own; at least 1.
+    /// (the number of CPUs)
+    pub workers: Option<u64>,
 }
 
 impl Default for RawServer {
@@ -90,6 +93,7 @@ impl Default for RawServer {
             keepalive_idle_timeout_ms: default_keepalive_idle_timeout_ms(),
             max_connections: default_max_connections(),
             max_concurrent_streams: default_max_concurrent_streams(),
+            workers: None,
         }
     }
 }

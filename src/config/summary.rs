@@ -24,13 +24,14 @@ pub fn summary_at(config: &Config, now: DateTime<Utc>) -> String {
     let server = &config.server;
     let _ = writeln!(
         out,
-        "server: {} ({}), max body {} bytes, max {} connections",
+        "server: {} ({}), {} worker threads, max body {} bytes, max {} connections",
         server.listen,
         if server.tls.is_some() {
             "https"
         } else {
             "http"
         },
+        server.workers,
         server.max_body_bytes,
         server.max_connections,
     );

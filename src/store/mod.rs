@@ -22,8 +22,8 @@ pub use flusher::Flusher;
 pub use redis::{SharedBudgets, SharedBudgetsError};
 pub use sqlite::{Dimension, Ledger, ReportQuery, ReportRow, SCHEMA_VERSION};
 
-use crate::maps::ConcurrentMap;
 use crate::budget::SpendSnapshot;
+use crate::maps::ConcurrentMap;
 use crate::period::Period;
 use crate::usage::Usage;
 
