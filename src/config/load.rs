@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use http::HeaderValue;
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use thiserror::Error;
@@ -25,9 +24,9 @@ use super::raw::{
     RawPricingFile, RawProject, RawRateLimit, RawServer, RawStore, RawUpstream,
 };
 use super::{
-    AdminConfig, BudgetLimit, Config, Credential, CredentialRef, ModelPolicy, OnStoreError,
-    Project, RateLimitRule, ReservationConfig, Secret, ServerConfig, StoreConfig, TlsFiles,
-    TokenHash, UpstreamConfig,
+    AdminConfig, BudgetLimit, Config, Credential, CredentialRef, ModelPatterns, ModelPolicy,
+    OnStoreError, Project, RateLimitRule, ReservationConfig, Secret, ServerConfig, StoreConfig,
+    TlsFiles, TokenHash, UpstreamConfig,
 };
 use crate::maps::FastMap;
 use crate::period::Period;
@@ -543,8 +542,7 @@ impl Loader<'_> {
 
     /// Compiles model patterns where `*` is the only wildcard and matches any run of
     /// characters, `/` included.
-    fn globs(&self, key: &str, patterns: &[String]) -> Result<(GlobSet, Vec<Arc<str>>)> {
-        let mut builder = GlobSetBuilder::new();
+    fn globs(&self, key: &str, patterns: &[String]) -> Result<(ModelPatterns, Vec<Arc<str>>)> {
         for (index, pattern) in patterns.iter().enumerate() {
             let at = format!("{key}[{index}]");
             if pattern.is_empty() {
@@ -558,15 +556,8 @@ impl Loader<'_> {
                     format!("invalid pattern `{pattern}`: `{c}` is not allowed, `*` is the only wildcard"),
                 ));
             }
-            let glob = GlobBuilder::new(pattern)
-                .literal_separator(false)
-                .build()
-                .map_err(|e| self.err(&at, format!("invalid pattern `{pattern}`: {e}")))?;
-            builder.add(glob);
         }
-        let set = builder
-            .build()
-            .map_err(|e| self.err(key, format!("invalid patterns: {e}")))?;
+        let set = ModelPatterns::new(patterns.iter().map(String::as_str));
         let patterns = patterns.iter().map(|p| Arc::from(p.as_str())).collect();
         Ok((set, patterns))
     }
@@ -605,13 +596,7 @@ impl Loader<'_> {
         let Some(pattern) = raw.model.as_deref() else {
             return Err(self.err(format!("{key}.model"), "missing"));
         };
-        let (set, _) = self.globs(&format!("{key}.model"), &[pattern.to_owned()])?;
-        drop(set);
-        let matcher = GlobBuilder::new(pattern)
-            .literal_separator(false)
-            .build()
-            .map_err(|e| self.err(format!("{key}.model"), format!("invalid pattern: {e}")))?
-            .compile_matcher();
+        let (matcher, _) = self.globs(&format!("{key}.model"), &[pattern.to_owned()])?;
         for (name, value) in [("rpm", raw.rpm), ("tpm", raw.tpm), ("rpd", raw.rpd)] {
             if value == Some(0) {
                 return Err(self.err(format!("{key}.{name}"), "must be at least 1"));

@@ -5,6 +5,7 @@
 //! names the key path of the first problem; swapping a loaded config in is infallible.
 
 mod load;
+mod patterns;
 mod raw;
 mod summary;
 
@@ -15,9 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use globset::GlobSet;
 
 pub use load::{load, load_str, ConfigError};
+pub use patterns::ModelPatterns;
 pub use summary::{summary, summary_at};
 
 use crate::maps::FastMap;
@@ -218,7 +219,7 @@ pub struct Credential {
     /// A budget of the credential's own, checked as well as the project's.
     pub budget: Option<BudgetLimit>,
     /// An allowlist narrower than the project's; both must allow a model.
-    pub allowed_models: Option<GlobSet>,
+    pub allowed_models: Option<ModelPatterns>,
 }
 
 /// `rate_limits = [{ model = "gpt-4o*", rpm = 500, tpm = 200000, rpd = 10000 }]`.
@@ -227,7 +228,7 @@ pub struct RateLimitRule {
     /// The pattern as written; with the limits it keys the rule's meters, so a reload that
     /// keeps a rule keeps its meters.
     pub key: Arc<str>,
-    pub matcher: globset::GlobMatcher,
+    pub matcher: ModelPatterns,
     pub rpm: Option<u64>,
     pub tpm: Option<u64>,
     pub rpd: Option<u64>,
@@ -244,12 +245,11 @@ pub struct BudgetLimit {
 #[derive(Debug)]
 pub struct ModelPolicy {
     /// `None`: no allowlist, every model not denied is allowed.
-    pub allowed: Option<GlobSet>,
-    pub denied: GlobSet,
+    pub allowed: Option<ModelPatterns>,
+    pub denied: ModelPatterns,
     /// The exact (glob-free) names on the allowlist: they are metric labels.
     pub exact_allowed: Vec<Arc<str>>,
-    /// `allowed_models` as written (`None`: no allowlist), for `tollgate check`: a `GlobSet`
-    /// cannot list its patterns.
+    /// `allowed_models` as written (`None`: no allowlist), for `tollgate check`.
     pub allowed_patterns: Option<Vec<Arc<str>>>,
     /// `denied_models` as written.
     pub denied_patterns: Vec<Arc<str>>,
