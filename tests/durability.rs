@@ -394,6 +394,16 @@ struct Tokens {
 }
 
 impl Tokens {
+    /// Plain input and output tokens, nothing cached, no reasoning.
+    const fn plain(input: u64, output: u64) -> Tokens {
+        Tokens {
+            input,
+            output,
+            cached: 0,
+            reasoning: 0,
+        }
+    }
+
     /// Varied, with cached and reasoning tokens on some requests.
     fn varied(n: u64) -> Tokens {
         let input = 20 + (n * 37) % 400;
@@ -811,12 +821,7 @@ async fn sigterm_lets_in_flight_requests_finish() {
     let client = client();
     let mut tollgate = Tollgate::start(dir.path(), &mock.base_url(), BIG_BUDGET).await;
 
-    let tokens = Tokens {
-        input: 321,
-        output: 123,
-        cached: 0,
-        reasoning: 0,
-    };
+    let tokens = Tokens::plain(321, 123);
     let (mut body, mut received) =
         stalled_stream(&client, &tollgate, tokens, CHUNKS, STALL_MS).await;
 
@@ -914,12 +919,7 @@ async fn a_stream_cut_by_the_shutdown_grace_is_still_charged() {
         Tollgate::start_with_grace(dir.path(), &mock.base_url(), BIG_BUDGET, GRACE).await;
 
     // The upstream pauses far longer than the grace (and `EXIT_DEADLINE`).
-    let tokens = Tokens {
-        input: 321,
-        output: 123,
-        cached: 0,
-        reasoning: 0,
-    };
+    let tokens = Tokens::plain(321, 123);
     let (mut body, mut received) = stalled_stream(&client, &tollgate, tokens, CHUNKS, 60_000).await;
     tollgate.signal("TERM");
     let cut = read_to_end(&mut body, &mut received).await.is_err();
@@ -1054,12 +1054,7 @@ async fn a_restart_keeps_the_budget_spent() {
     const BUDGET: &str = r#"{ tokens = 500, period = "monthly" }"#;
     // Each request reserves 137 tokens (its body's 87 bytes plus `max_tokens`) and is charged
     // 150: the third fits (300 + 137 <= 500), the fourth does not (450 + 137 > 500).
-    let tokens = Tokens {
-        input: 100,
-        output: 50,
-        cached: 0,
-        reasoning: 0,
-    };
+    let tokens = Tokens::plain(100, 50);
     let mock = MockUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let client = client();
@@ -1110,12 +1105,7 @@ async fn a_restart_keeps_the_budget_spent() {
 /// request has its one whole line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_is_logged_whole_and_promptly() {
-    let tokens = Tokens {
-        input: 100,
-        output: 50,
-        cached: 0,
-        reasoning: 0,
-    };
+    let tokens = Tokens::plain(100, 50);
     let mock = MockUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let client = client();
