@@ -3,23 +3,32 @@
 //!
 //! Invariant: every connection task is watched by the graceful-shutdown handle, so `serve`
 //! returns only when all connections are closed or the grace period has run out; a panic in
-//! one request becomes a 500 for that request and never takes the process down.
+//! one request becomes a 500 for that request and never takes the process down. Every
+//! connection is under a timer at every phase: the TLS handshake and the first request head
+//! (`header_read_timeout`), later heads on a kept-alive connection (the same, see [`drive`]),
+//! idle keep-alive (`keepalive_idle_timeout`, hyper's header timer); bodies have theirs in
+//! `proxy` and `body`.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::FutureExt;
 use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -86,7 +95,9 @@ pub async fn serve<H, F>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(server.header_read_timeout)
+        // hyper's header timer runs from the moment a connection waits for a request head, so
+        // on a kept-alive connection it is the idle timeout; `drive` times the heads themselves.
+        .header_read_timeout(server.keepalive_idle_timeout)
         .max_buf_size(64 * 1024)
         .keep_alive(true);
     builder
@@ -123,11 +134,11 @@ pub async fn serve<H, F>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let served = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let served_in = served.clone();
-        let first_request_timeout = server.header_read_timeout;
+        let activity = Arc::new(Activity::default());
+        let activity_in = activity.clone();
         let service = hyper::service::service_fn(move |request| {
-            served_in.store(true, std::sync::atomic::Ordering::Release);
+            activity_in.request_started();
+            let activity = activity_in.clone();
             let handler = handler.clone();
             async move {
                 let response = AssertUnwindSafe(async move { handler(request).await })
@@ -137,62 +148,50 @@ pub async fn serve<H, F>(
                         tracing::error!("a request handler panicked; answering 500");
                         ProxyError::Internal.into_response()
                     });
-                Ok::<_, Infallible>(response)
+                Ok::<_, Infallible>(response.map(|body| Tracked::new(body, activity)))
             }
         });
         let builder = builder.clone();
-        match &tls {
-            None => {
-                let connection = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .into_owned();
-                let connection = graceful.watch(connection);
-                connections.spawn(async move {
-                    tokio::pin!(connection);
-                    let result = tokio::select! {
-                        result = &mut connection => Some(result),
-                        () = tokio::time::sleep(first_request_timeout) => None,
-                    };
-                    let result = match result {
-                        Some(result) => result,
-                        None if served.load(std::sync::atomic::Ordering::Acquire) => {
-                            connection.await
-                        }
-                        None => {
-                            drop(permit);
-                            return;
-                        }
-                    };
-                    if let Err(err) = result {
-                        tracing::debug!(error = %err, "connection ended with an error");
-                    }
-                    drop(permit);
-                });
+        let watcher = graceful.watcher();
+        let header_timeout = server.header_read_timeout;
+        let tls = tls.clone();
+        connections.spawn(async move {
+            let ended = match tls {
+                None => {
+                    let io = TokioIo::new(Watched::new(stream, activity.clone()));
+                    let connection = builder.serve_connection_with_upgrades(io, service);
+                    drive(
+                        watcher.watch(connection.into_owned()),
+                        &activity,
+                        header_timeout,
+                    )
+                    .await
+                }
+                Some(acceptor) => {
+                    let stream =
+                        match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(err)) => {
+                                tracing::debug!(error = %err, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        };
+                    let io = TokioIo::new(Watched::new(stream, activity.clone()));
+                    let connection = builder.serve_connection_with_upgrades(io, service);
+                    drive(
+                        watcher.watch(connection.into_owned()),
+                        &activity,
+                        header_timeout,
+                    )
+                    .await
+                }
+            };
+            if let Some(Err(err)) = ended {
+                tracing::debug!(error = %err, "connection ended with an error");
             }
-            Some(acceptor) => {
-                let acceptor = acceptor.clone();
-                let timeout = server.header_read_timeout;
-                let watcher = graceful.watcher();
-                connections.spawn(async move {
-                    let stream = match tokio::time::timeout(timeout, acceptor.accept(stream)).await
-                    {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(err)) => {
-                            tracing::debug!(error = %err, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => return,
-                    };
-                    let connection = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
-                    if let Err(err) = watcher.watch(connection).await {
-                        tracing::debug!(error = %err, "connection ended with an error");
-                    }
-                    drop(permit);
-                });
-            }
-        }
+            drop(permit);
+        });
     }
     drop(listener);
     if tokio::time::timeout(server.shutdown_grace, graceful.shutdown())
@@ -215,4 +214,180 @@ pub async fn serve<H, F>(
 pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns is not Send; drop it before anything else is awaited.
     let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
+}
+
+/// What a connection's timers see of it. One connection, one task: relaxed atomics suffice.
+#[derive(Debug, Default)]
+struct Activity {
+    /// Reads that returned data.
+    reads: AtomicU64,
+    /// Requests handed to the handler whose response body is not finished.
+    in_flight: AtomicU64,
+    /// `reads` when the last response finished: more since, and no request in flight, means
+    /// a client has begun the next request head.
+    reads_when_idle: AtomicU64,
+    served: AtomicBool,
+    /// The connection opened with the HTTP/2 preface: its reads include pings and window
+    /// updates, so they say nothing about a request head.
+    http2: AtomicBool,
+}
+
+impl Activity {
+    fn request_started(&self) {
+        self.served.store(true, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn response_finished(&self) {
+        self.reads_when_idle
+            .store(self.reads.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn head_begun(&self) -> bool {
+        !self.http2.load(Ordering::Relaxed)
+            && self.in_flight.load(Ordering::Relaxed) == 0
+            && self.reads.load(Ordering::Relaxed) != self.reads_when_idle.load(Ordering::Relaxed)
+    }
+}
+
+/// Drives a connection to its end with the timers hyper does not have; `None` when it was cut.
+///
+/// - The first request's head must arrive within `header_timeout` of the connection (after the
+///   TLS handshake): a silent or dripping client is cut.
+/// - On a kept-alive HTTP/1.1 connection, a request head begun after a response must be
+///   complete within `header_timeout` too: checked every `header_timeout / 2`, so it is cut
+///   between 1 and 1.5 times `header_timeout` after its first byte.
+/// - An idle kept-alive connection is closed by hyper after `keepalive_idle_timeout`.
+async fn drive<F: Future>(
+    connection: F,
+    activity: &Activity,
+    header_timeout: Duration,
+) -> Option<F::Output> {
+    tokio::pin!(connection);
+    tokio::select! {
+        ended = &mut connection => return Some(ended),
+        () = tokio::time::sleep(header_timeout) => {}
+    }
+    if !activity.served.load(Ordering::Relaxed) {
+        return None;
+    }
+    let tick = (header_timeout / 2).max(Duration::from_millis(5));
+    let mut head_seen: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            ended = &mut connection => return Some(ended),
+            () = tokio::time::sleep(tick) => {}
+        }
+        if activity.head_begun() {
+            let seen = *head_seen.get_or_insert_with(tokio::time::Instant::now);
+            if seen.elapsed() >= header_timeout {
+                return None;
+            }
+        } else {
+            head_seen = None;
+        }
+    }
+}
+
+/// The client's stream, counting the reads that bring data (and noting the HTTP/2 preface).
+struct Watched<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> Watched<S> {
+    fn new(inner: S, activity: Arc<Activity>) -> Self {
+        Watched { inner, activity }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Some(read) = buf.filled().get(before..).filter(|read| !read.is_empty()) {
+            if self.activity.reads.fetch_add(1, Ordering::Relaxed) == 0 && read.starts_with(b"PRI ")
+            {
+                self.activity.http2.store(true, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that tells the connection's [`Activity`] when it is finished (or
+    /// dropped unfinished).
+    struct Tracked<B> {
+        #[pin]
+        inner: B,
+        activity: Arc<Activity>,
+    }
+
+    impl<B> PinnedDrop for Tracked<B> {
+        fn drop(this: Pin<&mut Self>) {
+            this.activity.response_finished();
+        }
+    }
+}
+
+impl<B> Tracked<B> {
+    fn new(inner: B, activity: Arc<Activity>) -> Self {
+        Tracked { inner, activity }
+    }
+}
+
+impl<B: Body> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }

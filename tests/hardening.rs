@@ -629,6 +629,100 @@ async fn a_slow_http2_preface_is_cut_after_the_header_timeout() {
     slow_opening_case("HTTP/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n").await;
 }
 
+/// Reads one response framed by `content-length` from a kept-alive connection; its status.
+async fn read_one_response(stream: &mut TcpStream) -> u16 {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if let Some(at) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..at]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("a content-length");
+            if got.len() >= at + 4 + length {
+                return raw_status(&got).expect("a status line");
+            }
+        }
+        let n = tokio::time::timeout(MARGIN, stream.read(&mut buf))
+            .await
+            .expect("a response in time")
+            .expect("a readable connection");
+        assert!(
+            n > 0,
+            "closed mid-response: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Keep-alive: an idle connection stays open for `keepalive_idle_timeout_ms`, not just the
+/// header timeout, then is closed; a request head begun on it must still be complete within
+/// the header timeout (checked every half of it, so cut within 1 to 1.5 times it).
+#[tokio::test]
+async fn kept_alive_connections_idle_for_the_keepalive_timeout_and_heads_for_the_header_timeout() {
+    let header_timeout = Duration::from_millis(300);
+    let keepalive = Duration::from_millis(1500);
+    let (_mock, proxy) = setup(&Knobs {
+        server: "header_read_timeout_ms = 300\nkeepalive_idle_timeout_ms = 1500",
+        ..Knobs::default()
+    })
+    .await;
+    const REQUEST: &[u8] = b"GET /nowhere HTTP/1.1\r\nhost: tollgate\r\n\r\n";
+
+    // Idle three header timeouts, then a second request on the same connection.
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(REQUEST).await.unwrap();
+    assert_eq!(read_one_response(&mut stream).await, 404);
+    tokio::time::sleep(header_timeout * 3).await;
+    stream.write_all(REQUEST).await.unwrap();
+    assert_eq!(read_one_response(&mut stream).await, 404);
+    // Then idle until the server closes it: at the keep-alive timeout, not before.
+    let (raw, closed) = read_until_closed(&mut stream, keepalive + MARGIN).await;
+    let closed = closed.expect("an idle connection is closed after the keep-alive timeout");
+    assert!(
+        raw.is_empty() || raw_status(&raw) == Some(408),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    assert!(
+        closed >= keepalive.mul_f32(0.8),
+        "closed after {closed:?} idle; the keep-alive timeout is {keepalive:?}"
+    );
+
+    // A head begun after a response, dripped a byte every 50 ms for longer than the keep-alive
+    // timeout: cut by the header timeout.
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(REQUEST).await.unwrap();
+    assert_eq!(read_one_response(&mut stream).await, 404);
+    let (mut reader, mut writer) = stream.into_split();
+    let drip = tokio::spawn(async move {
+        let head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: tollgate\r\nx-slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        for byte in head {
+            if writer.write_all(&[*byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let (_, closed) =
+        read_half_until_closed(&mut reader, header_timeout.mul_f32(1.5) + MARGIN).await;
+    drip.abort();
+    let closed = closed.expect("a dripped head on a kept-alive connection is cut");
+    assert!(
+        closed >= header_timeout.mul_f32(0.8),
+        "cut after {closed:?}, before the header timeout"
+    );
+    assert!(
+        closed < keepalive,
+        "cut after {closed:?}: by the keep-alive timeout, not the header timeout"
+    );
+    assert_serves(&proxy).await;
+}
+
 /// A connection flood with `max_connections = 8`: 50 raw TCP connections that send nothing.
 ///
 /// What is asserted: (1) the admin listener (its own connection limit) answers at once during
