@@ -32,6 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
 
 use crate::body::ProxyBody;
 use crate::config::{ServerConfig, TlsFiles};
@@ -156,37 +157,27 @@ pub async fn serve<H, F>(
         let header_timeout = server.header_read_timeout;
         let tls = tls.clone();
         connections.spawn(async move {
-            let ended = match tls {
-                None => {
-                    let io = TokioIo::new(Watched::new(stream, activity.clone()));
-                    let connection = builder.serve_connection_with_upgrades(io, service);
-                    drive(
-                        watcher.watch(connection.into_owned()),
-                        &activity,
-                        header_timeout,
-                    )
-                    .await
-                }
+            let stream = match tls {
+                None => Either::Left(stream),
                 Some(acceptor) => {
-                    let stream =
-                        match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                            Ok(Ok(stream)) => stream,
-                            Ok(Err(err)) => {
-                                tracing::debug!(error = %err, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => return,
-                        };
-                    let io = TokioIo::new(Watched::new(stream, activity.clone()));
-                    let connection = builder.serve_connection_with_upgrades(io, service);
-                    drive(
-                        watcher.watch(connection.into_owned()),
-                        &activity,
-                        header_timeout,
-                    )
-                    .await
+                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => Either::Right(stream),
+                        Ok(Err(err)) => {
+                            tracing::debug!(error = %err, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    }
                 }
             };
+            let io = TokioIo::new(Watched::new(stream, activity.clone()));
+            let connection = builder.serve_connection_with_upgrades(io, service);
+            let ended = drive(
+                watcher.watch(connection.into_owned()),
+                &activity,
+                header_timeout,
+            )
+            .await;
             if let Some(Err(err)) = ended {
                 tracing::debug!(error = %err, "connection ended with an error");
             }
