@@ -285,6 +285,24 @@ async fn read_half_until_closed<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
+/// Sends `bytes` one at a time, `every` apart (stopping early only when the server closes),
+/// then holds the connection open without sending more.
+fn drip(
+    mut writer: tokio::net::tcp::OwnedWriteHalf,
+    bytes: &'static [u8],
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for byte in bytes {
+            if writer.write_all(&[*byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(every).await;
+        }
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+}
+
 /// The status code of a raw HTTP/1.1 response, if `raw` starts with one.
 fn raw_status(raw: &[u8]) -> Option<u16> {
     let text = std::str::from_utf8(raw.get(..12)?).ok()?;
@@ -572,18 +590,8 @@ async fn slow_opening_case(what: &str, opening: &'static [u8]) {
     .await;
     let stream = TcpStream::connect(proxy.addr).await.unwrap();
     let started = Instant::now();
-    let (mut reader, mut writer) = stream.into_split();
-    let drip = tokio::spawn(async move {
-        // It stops early only when the server closes.
-        for byte in opening {
-            if writer.write_all(&[*byte]).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        // Then holds the connection open without sending more.
-        tokio::time::sleep(Duration::from_secs(30)).await;
-    });
+    let (mut reader, writer) = stream.into_split();
+    let drip = drip(writer, opening, Duration::from_millis(100));
     let before = counters(&proxy).await;
     assert_serves(&proxy).await;
     let left = (header_timeout + MARGIN).saturating_sub(started.elapsed());
@@ -697,17 +705,9 @@ async fn kept_alive_connections_idle_for_the_keepalive_timeout_and_heads_for_the
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
     stream.write_all(REQUEST).await.unwrap();
     assert_eq!(read_one_response(&mut stream).await, 404);
-    let (mut reader, mut writer) = stream.into_split();
-    let drip = tokio::spawn(async move {
-        let head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: tollgate\r\nx-slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
-        for byte in head {
-            if writer.write_all(&[*byte]).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        tokio::time::sleep(Duration::from_secs(30)).await;
-    });
+    let (mut reader, writer) = stream.into_split();
+    let head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: tollgate\r\nx-slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let drip = drip(writer, head, Duration::from_millis(50));
     let (_, closed) =
         read_half_until_closed(&mut reader, header_timeout.mul_f32(1.5) + MARGIN).await;
     drip.abort();
