@@ -963,6 +963,29 @@ struct Started {
     notes: Vec<(String, Value)>,
 }
 
+impl Started {
+    /// Makes the started proxy a target of the load, its notes part of the report, and its
+    /// process one the bench stops.
+    fn enlist(
+        self,
+        name: &'static str,
+        auths: &Arc<[HeaderValue]>,
+        targets: &mut Vec<Target>,
+        notes: &mut serde_json::Map<String, Value>,
+        procs: &mut Vec<Proc>,
+    ) {
+        targets.push(Target {
+            name,
+            addr: self.addr,
+            pid: Some(self.proc.pid()),
+            auths: auths.clone(),
+            admin: self.admin,
+        });
+        notes.insert(name.into(), Value::Object(self.notes.into_iter().collect()));
+        procs.push(self.proc);
+    }
+}
+
 fn start_tollgate(
     binary: &Path,
     dir: &Path,
@@ -1858,20 +1881,13 @@ fn run_bench() -> Result<(), Error> {
             mock_addr,
             &settings.rust_log,
         ) {
-            Ok(started) => {
-                targets.push(Target {
-                    name: "tollgate",
-                    addr: started.addr,
-                    pid: Some(started.proc.pid()),
-                    auths: token_auths.clone(),
-                    admin: started.admin,
-                });
-                notes.insert(
-                    "tollgate".into(),
-                    Value::Object(started.notes.into_iter().collect()),
-                );
-                procs.push(started.proc);
-            }
+            Ok(started) => started.enlist(
+                "tollgate",
+                &token_auths,
+                &mut targets,
+                &mut notes,
+                &mut procs,
+            ),
             Err(e) => {
                 eprintln!("proxy bench: tollgate: {e}");
                 skipped.push(("tollgate", e.to_string()));
@@ -1889,18 +1905,7 @@ fn run_bench() -> Result<(), Error> {
                 std::fs::create_dir_all(&nginx_dir)?;
                 match start_nginx(&bin, &nginx_dir, mock_addr) {
                     Ok(started) => {
-                        targets.push(Target {
-                            name: "nginx",
-                            addr: started.addr,
-                            pid: Some(started.proc.pid()),
-                            auths: token_auths.clone(),
-                            admin: started.admin,
-                        });
-                        notes.insert(
-                            "nginx".into(),
-                            Value::Object(started.notes.into_iter().collect()),
-                        );
-                        procs.push(started.proc);
+                        started.enlist("nginx", &token_auths, &mut targets, &mut notes, &mut procs)
                     }
                     Err(e) => {
                         out(&format!("nginx: SKIPPED ({e})\n"));
