@@ -308,60 +308,68 @@ fn usage_sse(c: &mut Criterion) -> Result<(), Error> {
     let stream = sse_stream();
     let bytes = stream.as_bytes();
 
-    let mut group = c.benchmark_group("sse meter (200 chunks)");
-    group.throughput(Throughput::Bytes(bytes.len() as u64));
-    for cut in [
-        Cut::Bytes(1),
-        Cut::Bytes(7),
-        Cut::Bytes(64),
-        Cut::Bytes(512),
-        Cut::Bytes(4096),
-        Cut::Bytes(usize::MAX),
-        Cut::Events,
-    ] {
-        let frames = cut.frames(bytes);
-        group.bench_with_input(
-            BenchmarkId::from_parameter(cut.label()),
-            &frames,
-            |b, frames| {
-                b.iter(|| {
-                    let mut meter = Meter::new(Format::Sse, Encoding::Identity);
-                    for frame in frames {
-                        meter.observe(black_box(frame));
-                    }
-                    meter.report()
-                })
-            },
-        );
-    }
-    group.finish();
-
-    let mut group = c.benchmark_group("usage chunk filter (200 chunks)");
-    group.throughput(Throughput::Bytes(bytes.len() as u64));
-    for cut in [
-        Cut::Bytes(64),
-        Cut::Bytes(4096),
-        Cut::Bytes(usize::MAX),
-        Cut::Events,
-    ] {
-        let frames = cut.frames(bytes);
-        group.bench_with_input(
-            BenchmarkId::from_parameter(cut.label()),
-            &frames,
-            |b, frames| {
-                b.iter(|| {
-                    let mut filter = UsageChunkFilter::new();
-                    let mut out = 0usize;
-                    for frame in frames {
-                        out += filter.push(black_box(frame)).len();
-                    }
-                    out + filter.finish().len()
-                })
-            },
-        );
-    }
-    group.finish();
+    framed_group(
+        c,
+        "sse meter (200 chunks)",
+        bytes,
+        &[
+            Cut::Bytes(1),
+            Cut::Bytes(7),
+            Cut::Bytes(64),
+            Cut::Bytes(512),
+            Cut::Bytes(4096),
+            Cut::Bytes(usize::MAX),
+            Cut::Events,
+        ],
+        |frames| {
+            let mut meter = Meter::new(Format::Sse, Encoding::Identity);
+            for frame in frames {
+                meter.observe(black_box(frame));
+            }
+            meter.report()
+        },
+    );
+    framed_group(
+        c,
+        "usage chunk filter (200 chunks)",
+        bytes,
+        &[
+            Cut::Bytes(64),
+            Cut::Bytes(4096),
+            Cut::Bytes(usize::MAX),
+            Cut::Events,
+        ],
+        |frames| {
+            let mut filter = UsageChunkFilter::new();
+            let mut out = 0usize;
+            for frame in frames {
+                out += filter.push(black_box(frame)).len();
+            }
+            out + filter.finish().len()
+        },
+    );
     Ok(())
+}
+
+/// A group with one bench per cut of `bytes` into frames, each running `run` over the frames.
+fn framed_group<R>(
+    c: &mut Criterion,
+    name: &str,
+    bytes: &[u8],
+    cuts: &[Cut],
+    run: impl Fn(&[&[u8]]) -> R,
+) {
+    let mut group = c.benchmark_group(name);
+    group.throughput(Throughput::Bytes(bytes.len() as u64));
+    for &cut in cuts {
+        let frames = cut.frames(bytes);
+        group.bench_with_input(
+            BenchmarkId::from_parameter(cut.label()),
+            &frames,
+            |b, frames| b.iter(|| run(frames)),
+        );
+    }
+    group.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
