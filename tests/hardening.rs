@@ -118,19 +118,7 @@ fn auth() -> String {
 
 /// POSTs `body` to the chat endpoint with the token and `extra` headers.
 async fn post_chat(proxy: &TestProxy, body: &Bytes, extra: &[(&str, &str)]) -> Answer {
-    let auth = auth();
-    let mut headers = vec![
-        ("authorization", auth.as_str()),
-        ("content-type", "application/json"),
-    ];
-    headers.extend_from_slice(extra);
-    send(
-        Method::POST,
-        &proxy.url("/v1/chat/completions"),
-        &headers,
-        body.clone(),
-    )
-    .await
+    post_json_bytes(proxy, "/v1/chat/completions", TOKEN, body.clone(), extra).await
 }
 
 /// A normal request succeeds and reports its usage: tollgate is still serving.

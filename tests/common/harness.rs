@@ -290,19 +290,26 @@ pub async fn post_json(
     body: &serde_json::Value,
     extra: &[(&str, &str)],
 ) -> Answer {
+    let body = Bytes::from(serde_json::to_vec(body).expect("json"));
+    post_json_bytes(proxy, path, token, body, extra).await
+}
+
+/// POSTs `body` as `application/json` (whether or not it is) with a bearer token (and extra
+/// headers).
+pub async fn post_json_bytes(
+    proxy: &TestProxy,
+    path: &str,
+    token: &str,
+    body: Bytes,
+    extra: &[(&str, &str)],
+) -> Answer {
     let auth = format!("Bearer {token}");
     let mut headers = vec![
         ("authorization", auth.as_str()),
         ("content-type", "application/json"),
     ];
     headers.extend_from_slice(extra);
-    send(
-        Method::POST,
-        &proxy.url(path),
-        &headers,
-        Bytes::from(serde_json::to_vec(body).expect("json")),
-    )
-    .await
+    send(Method::POST, &proxy.url(path), &headers, body).await
 }
 
 /// Polls `check` until it holds or 5 s pass.
