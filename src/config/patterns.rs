@@ -40,10 +40,6 @@ impl ModelPatterns {
     pub fn is_match(&self, model: &str) -> bool {
         self.exact.contains_key(model) || self.globs.iter().any(|glob| glob.is_match(model))
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.exact.is_empty() && self.globs.is_empty()
-    }
 }
 
 impl Glob {
@@ -104,7 +100,6 @@ mod tests {
         );
         assert!(set(&["ft:*:org*"]).is_match("ft:gpt-4o:org-x:abc"));
         assert!(!set(&[]).is_match(""));
-        assert!(set(&[]).is_empty());
     }
 
     /// The globset crate, configured as the loader used to (`*` crosses `/`), as the oracle.
