@@ -19,6 +19,10 @@ use super::Usage;
 pub(crate) const MAX_USAGE_BYTES: usize = 16 * 1024;
 /// Largest `model` string kept (with its quotes); a longer one is ignored.
 pub(crate) const MAX_MODEL_BYTES: usize = 1024;
+/// Room made for a usage value when its capture starts: OpenAI's are 150-300 bytes.
+const USUAL_USAGE_BYTES: usize = 512;
+/// Room made for a `model` string when its capture starts.
+const USUAL_MODEL_BYTES: usize = 64;
 /// Longest key we need to recognise (`response`, `choices`); longer keys are "other".
 const KEY_BUF: usize = 8;
 
@@ -146,6 +150,26 @@ impl JsonScanner {
             if self.in_string {
                 let used = self.feed_string(rest);
                 rest = rest.get(used..).unwrap_or_default();
+            } else if self.nested() {
+                // Inside a container no watched key can start in: only the depth matters, and
+                // the bytes of a usage value being captured, which are taken in one piece.
+                let used = self.skip_nested(rest);
+                if used == 0 {
+                    self.feed_byte(b);
+                    rest = tail;
+                } else {
+                    let (skipped, after) = rest.split_at(used);
+                    self.capture_bytes(skipped);
+                    rest = after;
+                }
+            } else if b == b'"' && self.expect_key && self.skipping() && self.watched() {
+                match self.read_whole_key(rest) {
+                    0 => {
+                        self.feed_byte(b);
+                        rest = tail;
+                    }
+                    used => rest = rest.get(used..).unwrap_or_default(),
+                }
             } else if self.skipping() {
                 // Between tokens that matter, a run of whitespace, literals and (outside the
                 // watched objects) separators changes nothing: pass over it in one go.
@@ -171,6 +195,52 @@ impl JsonScanner {
     /// bytes can change the state.
     fn skipping(&self) -> bool {
         self.capture == Capture::None && !self.awaiting_value && !self.choices_open
+    }
+
+    /// Below the watched objects (depth 2 or more, and not the watched `response` object),
+    /// with nothing about to start and no capture but a usage container's, which runs until a
+    /// closing bracket: [`Self::skip_nested`] may go on.
+    fn nested(&self) -> bool {
+        self.depth >= 2
+            && !(self.depth == 2 && self.response_is_object)
+            && matches!(self.capture, Capture::None | Capture::UsageContainer { .. })
+            && !self.awaiting_value
+            && !self.choices_open
+    }
+
+    /// Passes over the inside of a nested container in one loop: strings are skipped whole (with
+    /// `memchr` past their first bytes) and brackets move the depth. Stops before a closing
+    /// bracket that would bring the depth to 2 or less (where objects may be watched and
+    /// usage captures end), which [`Self::feed_byte`] then takes; a string left open at the end
+    /// of `input` leaves the scanner in it. Returns the number of bytes used.
+    fn skip_nested(&mut self, input: &[u8]) -> usize {
+        let mut at = 0;
+        while let Some(&b) = input.get(at) {
+            match b {
+                b'"' => {
+                    let content = input.get(at + 1..).unwrap_or_default();
+                    match string_end(content) {
+                        StringEnd::Quote(len) => at += len + 2,
+                        StringEnd::Open { escape } => {
+                            self.in_string = true;
+                            self.escape = escape;
+                            return input.len();
+                        }
+                    }
+                    continue;
+                }
+                b'{' | b'[' => self.depth = self.depth.saturating_add(1),
+                b'}' | b']' => {
+                    if self.depth <= 3 {
+                        return at;
+                    }
+                    self.depth -= 1;
+                }
+                _ => {}
+            }
+            at += 1;
+        }
+        at
     }
 
     /// Ends the current document (an SSE event ended): a usage value still open is judged as
@@ -286,7 +356,7 @@ impl JsonScanner {
     fn end_string(&mut self) {
         if self.reading_key {
             self.reading_key = false;
-            self.key = self.match_key();
+            self.key = self.match_key(self.key_buf.get(..self.key_len));
         }
         match self.capture {
             Capture::UsageString => self.finish_usage(),
@@ -295,13 +365,31 @@ impl JsonScanner {
         }
     }
 
-    fn match_key(&self) -> Key {
-        match self.key_buf.get(..self.key_len) {
+    /// The key read, by its unescaped bytes (`None` when it was longer than any we watch or
+    /// escaped).
+    fn match_key(&self, key: Option<&[u8]>) -> Key {
+        match key {
             Some(b"usage") => Key::Usage,
             Some(b"model") => Key::Model,
             Some(b"response") if self.depth == 1 && self.nested_response => Key::Response,
             Some(b"choices") if self.depth == 1 => Key::Choices,
             _ => Key::Other,
+        }
+    }
+
+    /// A key of a watched object that starts `input` (at its opening quote) and ends in it,
+    /// without escapes, is read in one step; returns the bytes used, or 0 to leave the key to
+    /// the byte-by-byte path.
+    fn read_whole_key(&mut self, input: &[u8]) -> usize {
+        let content = input.get(1..).unwrap_or_default();
+        match memchr2(b'"', b'\\', content) {
+            Some(len) if content.get(len) == Some(&b'"') => {
+                let key = content.get(..len).filter(|key| key.len() <= KEY_BUF);
+                self.key = self.match_key(key);
+                self.expect_key = false;
+                len + 2
+            }
+            _ => 0,
         }
     }
 
@@ -392,6 +480,9 @@ impl JsonScanner {
                     self.doc_usage_non_null = true;
                 }
                 self.usage_buf.clear();
+                // One allocation for a usage object of the usual size, rather than a doubling
+                // per few bytes.
+                self.usage_buf.reserve(USUAL_USAGE_BYTES);
                 self.usage_overflow = false;
                 self.capture = match b {
                     b'{' | b'[' => Capture::UsageContainer { depth: self.depth },
@@ -402,6 +493,7 @@ impl JsonScanner {
             Key::Model => {
                 if b == b'"' && self.found.model.is_none() {
                     self.model_buf.clear();
+                    self.model_buf.reserve(USUAL_MODEL_BYTES);
                     self.model_overflow = false;
                     self.capture = Capture::Model;
                 }
@@ -461,6 +553,34 @@ fn push_capped(buf: &mut Vec<u8>, overflow: &mut bool, bytes: &[u8], cap: usize)
         *overflow = true;
     } else {
         buf.extend_from_slice(bytes);
+    }
+}
+
+/// Where the string whose content starts `content` ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StringEnd {
+    /// At this index, the closing quote.
+    Quote(usize),
+    /// Not in `content`; `escape` when its last byte is a backslash that escapes what follows.
+    Open { escape: bool },
+}
+
+fn string_end(content: &[u8]) -> StringEnd {
+    let mut at = 0;
+    loop {
+        let rest = content.get(at..).unwrap_or_default();
+        let Some(pos) = memchr2(b'"', b'\\', rest) else {
+            return StringEnd::Open { escape: false };
+        };
+        let pos = at.saturating_add(pos);
+        if content.get(pos) == Some(&b'"') {
+            return StringEnd::Quote(pos);
+        }
+        // A backslash: the next byte is escaped, whatever it is.
+        at = pos.saturating_add(2);
+        if at > content.len() {
+            return StringEnd::Open { escape: true };
+        }
     }
 }
 
@@ -782,6 +902,22 @@ mod tests {
         assert!(scanner.buffered_capacity() <= 2 * MAX_USAGE_BYTES);
     }
 
+    /// Containers nested four deep, escapes next to brackets and quotes, a decoy usage deep
+    /// inside, and a usage object with nested containers of its own.
+    const DEEP: &str = r#"{"choices":[{"message":{"content":"a \"q\" \\","x":[[{}],{"usage":{"input_tokens":9}},"]}\\"]}}],"usage":{"input_tokens":1,"output_tokens_details":{"reasoning_tokens":2},"x":[{"y":"\"}"}]}}"#;
+
+    #[test]
+    fn nested_containers_are_passed_over_whole() {
+        assert_eq!(scan(DEEP), found(usage(1, 0, 0, 2), None));
+        let mut scanner = JsonScanner::new(true);
+        scanner.feed(format!(r#"{{"type":"x","response":{DEEP}}}"#).as_bytes());
+        assert_eq!(scanner.findings(), found(usage(1, 0, 0, 2), None));
+        let mut scanner = JsonScanner::new(true);
+        let nested = r#"{"response":{"output":[{"content":[{"text":"}]\""}]}],"usage":{"input_tokens":3,"x":{"y":[1]}}}}"#;
+        scanner.feed(nested.as_bytes());
+        assert_eq!(scanner.findings(), found(usage(3, 0, 0, 0), None));
+    }
+
     #[test]
     fn every_split_point_gives_the_same_findings() {
         let bodies = [
@@ -789,6 +925,7 @@ mod tests {
             fixtures::RESPONSES_JSON,
             fixtures::AUDIO_JSON,
             r#"{"usage" : null ,"model" : "a\"b", "x":[1,{"usage":2}],"usage":{"input_tokens":1}}"#,
+            DEEP,
         ];
         for body in bodies {
             let whole = scan(body);
