@@ -22,10 +22,14 @@ use std::io::{IsTerminal, Write};
 use std::os::fd::AsFd;
 use std::sync::OnceLock;
 
+use std::fmt::Write as _;
+
 use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::{FormatFields, MakeWriter};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields, MakeWriter};
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
 /// Largest batch of lines written at once: `PIPE_BUF`, what a pipe writes atomically.
@@ -126,10 +130,99 @@ pub fn init(format: Format) {
         .with_ansi(ansi)
         .with_writer(LineWriter);
     match format {
-        Format::Text => builder.fmt_fields(TextFields).init(),
+        // tracing's own event format colours the level for a person at a terminal.
+        Format::Text if ansi => builder.fmt_fields(TextFields).init(),
+        Format::Text => builder
+            .fmt_fields(TextFields)
+            .event_format(TextEvent)
+            .init(),
         Format::Json => builder.json().flatten_event(true).init(),
     }
 }
+
+/// A text line as tracing's default format writes it without colours (`2026-11-27T00:31:52.028991Z
+///  INFO target: fields`), with the timestamp's date and time of day formatted once per second
+/// and thread rather than once per line.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TextEvent;
+
+impl<S, N> FormatEvent<S, N> for TextEvent
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        CLOCK.with(|clock| clock.borrow_mut().write_now(&mut writer))?;
+        writer.write_str(match *meta.level() {
+            Level::ERROR => " ERROR ",
+            Level::WARN => "  WARN ",
+            Level::INFO => "  INFO ",
+            Level::DEBUG => " DEBUG ",
+            Level::TRACE => " TRACE ",
+        })?;
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope.from_root() {
+                writer.write_str(span.name())?;
+                let extensions = span.extensions();
+                if let Some(fields) = extensions.get::<FormattedFields<N>>() {
+                    if !fields.is_empty() {
+                        write!(writer, "{{{fields}}}")?;
+                    }
+                }
+                writer.write_char(':')?;
+            }
+            writer.write_char(' ')?;
+        }
+        writer.write_str(meta.target())?;
+        writer.write_str(": ")?;
+        ctx.format_fields(writer.by_ref(), event)?;
+        writer.write_char('\n')
+    }
+}
+
+thread_local! {
+    static CLOCK: RefCell<Clock> = const { RefCell::new(Clock { second: u64::MAX, prefix: String::new() }) };
+}
+
+/// This thread's `YYYY-MM-DDTHH:MM:SS.` for the second it last formatted.
+struct Clock {
+    second: u64,
+    prefix: String,
+}
+
+impl Clock {
+    /// Writes the current UTC time with microseconds, as RFC 3339 (`...T00:31:52.028991Z`).
+    fn write_now(&mut self, writer: &mut Writer<'_>) -> fmt::Result {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        if now.as_secs() != self.second {
+            self.second = now.as_secs();
+            self.prefix.clear();
+            let time = i64::try_from(self.second)
+                .ok()
+                .and_then(|secs| chrono::DateTime::from_timestamp(secs, 0))
+                .unwrap_or_default();
+            write!(self.prefix, "{}.", time.format("%Y-%m-%dT%H:%M:%S"))?;
+        }
+        writer.write_str(&self.prefix)?;
+        let micros = now.subsec_micros();
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(micros);
+        writer.write_str(ZEROS.get(digits.len()..).unwrap_or_default())?;
+        writer.write_str(digits)?;
+        writer.write_char('Z')
+    }
+}
+
+/// Leading zeros of a six-digit fraction, by the number of digits it has.
+const ZEROS: &str = "000000";
 
 /// Text fields as `message key=value ...`, like tracing's default, for a fraction of its cost
 /// (the per-request line has eleven fields): integers are written without the formatting
@@ -304,6 +397,62 @@ mod tests {
             line,
             "upstream request failed model=\"gpt-4o status=500\\nfake\" empty=\"\" error=connection refused: os error 111\n"
         );
+    }
+
+    /// The lines `emit` logs, through `TextEvent` or else tracing's default format.
+    fn lines(own: bool, emit: impl Fn()) -> String {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let sink = buffer.clone();
+        let builder = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .fmt_fields(TextFields)
+            .with_writer(move || SharedBuffer(sink.clone()));
+        if own {
+            let subscriber = builder.event_format(TextEvent).finish();
+            tracing::subscriber::with_default(subscriber, emit);
+        } else {
+            tracing::subscriber::with_default(builder.finish(), emit);
+        }
+        let bytes = buffer.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn text_lines_are_tracings_default_lines() {
+        let emit = || {
+            tracing::info!(project = "search", status = 200u16, "request");
+            tracing::warn!(error = %"refused", "upstream request failed");
+            tracing::error!("fatal");
+        };
+        let (ours, theirs) = (lines(true, emit), lines(false, emit));
+        let before = chrono::Utc::now();
+        assert_eq!(ours.lines().count(), 3);
+        for (our, their) in ours.lines().zip(theirs.lines()) {
+            // Same timestamp shape (RFC 3339, microseconds, UTC), then the same text.
+            let (stamp, rest) = our.split_at(27);
+            assert_eq!(rest, &their[27..]);
+            let parsed = chrono::DateTime::parse_from_rfc3339(stamp).unwrap();
+            assert!(stamp.ends_with('Z') && stamp.as_bytes()[19] == b'.', "{stamp}");
+            let age = before.signed_duration_since(parsed);
+            assert!(age >= chrono::TimeDelta::zero() && age < chrono::TimeDelta::seconds(60));
+        }
+        assert!(ours.contains("  INFO tollgate::logging::tests: request project=search status=200\n"));
+        assert!(ours.contains(" ERROR tollgate::logging::tests: fatal\n"));
+    }
+
+    #[test]
+    fn timestamps_keep_their_leading_zeros() {
+        let mut clock = Clock {
+            second: u64::MAX,
+            prefix: String::new(),
+        };
+        let mut out = String::new();
+        for _ in 0..200 {
+            out.clear();
+            clock.write_now(&mut Writer::new(&mut out)).unwrap();
+            assert_eq!(out.len(), 27, "{out}");
+            assert!(chrono::DateTime::parse_from_rfc3339(&out).is_ok(), "{out}");
+        }
     }
 
     #[test]

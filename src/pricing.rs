@@ -34,7 +34,15 @@ impl Price {
 
 /// Micro-dollars as dollars with six decimals: `1_234_567` -> `1.234567`.
 pub fn format_usd(micro: u64) -> String {
-    format!("{}.{:06}", micro / 1_000_000, micro % 1_000_000)
+    // Per request (a response header, the log line): itoa rather than the formatting machinery.
+    let mut text = String::with_capacity(28);
+    text.push_str(itoa::Buffer::new().format(micro / 1_000_000));
+    text.push('.');
+    let mut fraction = itoa::Buffer::new();
+    let fraction = fraction.format(micro % 1_000_000);
+    text.push_str("000000".get(fraction.len()..).unwrap_or_default());
+    text.push_str(fraction);
+    text
 }
 
 #[derive(Debug, Clone, Default)]
@@ -145,6 +153,19 @@ mod tests {
                 output: 1,
             },
         )
+    }
+
+    #[test]
+    fn usd_has_six_decimals() {
+        for (micro, text) in [
+            (0, "0.000000"),
+            (29, "0.000029"),
+            (1_234_567, "1.234567"),
+            (25_000_000, "25.000000"),
+            (u64::MAX, "18446744073709.551615"),
+        ] {
+            assert_eq!(format_usd(micro), text);
+        }
     }
 
     #[test]

@@ -916,7 +916,7 @@ impl Settlement {
             cached_input_tokens = usage.cached_input_tokens,
             output_tokens = usage.output_tokens,
             reasoning_tokens = usage.reasoning_tokens,
-            cost_usd = %usd(micro_usd),
+            cost_usd = usd(micro_usd).as_str(),
             duration_ms = elapsed.as_millis() as u64,
             upstream_first_byte_ms = self.first_byte_ms,
             "request"
