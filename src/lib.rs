@@ -216,7 +216,6 @@ fn spawn_proxy_threads(
             .spawn(move || {
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
-                    .on_thread_park(logging::flush_thread)
                     .build()
                 {
                     Ok(runtime) => runtime,
@@ -235,7 +234,11 @@ fn spawn_proxy_threads(
                     };
                     let handler =
                         move |request| proxy::handle(state.clone(), client.clone(), request);
-                    server::serve(listener, tls, &config, handler, permits, shutdown).await;
+                    let serving = server::serve(listener, tls, &config, handler, permits, shutdown);
+                    tokio::select! {
+                        () = serving => {}
+                        () = logging::flush_every_interval() => {}
+                    }
                 });
                 drop(runtime);
                 logging::flush_thread();

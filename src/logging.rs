@@ -4,16 +4,18 @@
 //! Invariant: writing a line takes no lock of the process's and, on a runtime worker, no system
 //! call of its own. Each event is formatted into a buffer; a worker appends it to a buffer of
 //! its own thread, written with one write(2) when the next line would not fit in
-//! [`BATCH_BYTES`] and whenever the worker parks (runs out of work, see [`flush_thread`]);
-//! other threads write each line at once. Batches and lines are written through a duplicate of
-//! the descriptor, so no `Stdout` mutex is taken, and a batch of at most 4 KiB of whole lines
-//! is never split or interleaved (the kernel serialises writes to a file; a pipe takes up to
-//! 4 KiB atomically).
+//! [`BATCH_BYTES`], and by [`flush_thread`]: the proxy's event loops call it every
+//! [`FLUSH_INTERVAL`], the main runtime's workers whenever they park (run out of work). Other
+//! threads write each line at once. Batches and lines are written through a duplicate of the
+//! descriptor, so no `Stdout` mutex is taken, and a batch of at most 4 KiB of whole lines is
+//! never split or interleaved (the kernel serialises writes to a file; a pipe takes up to 4 KiB
+//! atomically).
 //!
-//! What this trades: a worker's lines reach the output when it parks, at once when traffic is
-//! light, after at most 4 KiB of lines under load; lines of two workers may be out of order by
-//! up to one batch (each line has its timestamp); a crash loses what is buffered (at most 4 KiB
-//! per worker). Usage is never in the log alone: the ledger is the record.
+//! What this trades: a proxy thread's lines reach the output within [`FLUSH_INTERVAL`], or
+//! after at most 4 KiB of lines under load, rather than one write(2) per request when traffic
+//! is light; lines of two threads may be out of order by up to one batch (each line has its
+//! timestamp); a crash loses what is buffered (at most 4 KiB or 100 ms of lines per thread).
+//! Usage is never in the log alone: the ledger is the record.
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
@@ -21,6 +23,7 @@ use std::fs::File;
 use std::io::{IsTerminal, Write};
 use std::os::fd::AsFd;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use std::fmt::Write as _;
 
@@ -44,8 +47,12 @@ thread_local! {
     static BATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Writes this thread's batched lines, and from now on batches them. The runtime calls it when
-/// a worker parks (`on_thread_park`) and when a thread stops (`on_thread_stop`).
+/// How long a proxy thread's lines may wait in its batch.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Writes this thread's batched lines, and from now on batches them. The main runtime calls it
+/// when a worker parks (`on_thread_park`) and when a thread stops (`on_thread_stop`); a proxy
+/// thread every [`FLUSH_INTERVAL`] (see [`flush_every_interval`]) and when it ends.
 pub fn flush_thread() {
     BATCHING.with(|batching| batching.set(true));
     BATCH.with(|batch| {
@@ -54,6 +61,19 @@ pub fn flush_thread() {
             batch.clear();
         }
     });
+}
+
+/// Batches this thread's lines from now on and writes them every [`FLUSH_INTERVAL`]; runs until
+/// dropped. For a current-thread event loop that serves many requests between two parks, where
+/// a write per park would be a write per request at low load.
+pub async fn flush_every_interval() {
+    BATCHING.with(|batching| batching.set(true));
+    let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        flush_thread();
+    }
 }
 
 fn write_out(bytes: &[u8]) {
@@ -432,11 +452,16 @@ mod tests {
             let (stamp, rest) = our.split_at(27);
             assert_eq!(rest, &their[27..]);
             let parsed = chrono::DateTime::parse_from_rfc3339(stamp).unwrap();
-            assert!(stamp.ends_with('Z') && stamp.as_bytes()[19] == b'.', "{stamp}");
+            assert!(
+                stamp.ends_with('Z') && stamp.as_bytes()[19] == b'.',
+                "{stamp}"
+            );
             let age = before.signed_duration_since(parsed);
             assert!(age >= chrono::TimeDelta::zero() && age < chrono::TimeDelta::seconds(60));
         }
-        assert!(ours.contains("  INFO tollgate::logging::tests: request project=search status=200\n"));
+        assert!(
+            ours.contains("  INFO tollgate::logging::tests: request project=search status=200\n")
+        );
         assert!(ours.contains(" ERROR tollgate::logging::tests: fatal\n"));
     }
 
