@@ -600,7 +600,7 @@ fn is_delimiter(b: u8) -> bool {
 }
 
 /// The usage object as OpenAI spells it across endpoints.
-#[derive(Debug, Default, PartialEq, Deserialize)]
+#[derive(Deserialize)]
 struct RawUsage {
     /// `"tokens"` or `"duration"` on audio transcriptions; anything else is ignored.
     #[serde(rename = "type")]
@@ -617,12 +617,12 @@ struct RawUsage {
     output_tokens_details: Option<OutputDetails>,
 }
 
-#[derive(Debug, PartialEq, Deserialize)]
+#[derive(Deserialize)]
 struct InputDetails {
     cached_tokens: Option<u64>,
 }
 
-#[derive(Debug, PartialEq, Deserialize)]
+#[derive(Deserialize)]
 struct OutputDetails {
     reasoning_tokens: Option<u64>,
 }
@@ -661,175 +661,6 @@ impl RawUsage {
     }
 }
 
-/// Reads a usage object of the shape OpenAI sends (keys without escapes, token counts as plain
-/// integers or `null`, the `*_details` objects, other members holding a plain integer, `null`
-/// or a boolean) as serde would, for a fraction of its cost; `None` for anything else (a
-/// `type` member, a float, a string, a duplicate member, ...), which serde then reads.
-fn read_plain_usage(bytes: &[u8]) -> Option<RawUsage> {
-    let mut reader = PlainReader { bytes, at: 0 };
-    let mut raw = RawUsage::default();
-    reader.object(|reader, key| {
-        let count = match key {
-            b"prompt_tokens" => &mut raw.prompt_tokens,
-            b"completion_tokens" => &mut raw.completion_tokens,
-            b"input_tokens" => &mut raw.input_tokens,
-            b"output_tokens" => &mut raw.output_tokens,
-            b"prompt_tokens_details" => {
-                return reader.input_details(&mut raw.prompt_tokens_details)
-            }
-            b"input_tokens_details" => return reader.input_details(&mut raw.input_tokens_details),
-            b"input_token_details" => return reader.input_details(&mut raw.input_token_details),
-            b"completion_tokens_details" => {
-                return reader.output_details(&mut raw.completion_tokens_details)
-            }
-            b"output_tokens_details" => {
-                return reader.output_details(&mut raw.output_tokens_details)
-            }
-            b"type" => return None,
-            _ => return reader.plain_value(),
-        };
-        reader.count_once(count)
-    })?;
-    reader.skip_whitespace();
-    (reader.at == bytes.len()).then_some(raw)
-}
-
-/// The cursor of [`read_plain_usage`]. Every method returns `None` when the input leaves the
-/// plain shape.
-struct PlainReader<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
-
-impl<'a> PlainReader<'a> {
-    fn skip_whitespace(&mut self) {
-        while self.bytes.get(self.at).is_some_and(|&b| is_whitespace(b)) {
-            self.at += 1;
-        }
-    }
-
-    /// The next significant byte, consumed.
-    fn next(&mut self) -> Option<u8> {
-        self.skip_whitespace();
-        let b = *self.bytes.get(self.at)?;
-        self.at += 1;
-        Some(b)
-    }
-
-    fn rest(&self) -> &'a [u8] {
-        self.bytes.get(self.at..).unwrap_or_default()
-    }
-
-    /// An object, each member's key passed to `member`, which reads the value.
-    fn object(&mut self, mut member: impl FnMut(&mut Self, &'a [u8]) -> Option<()>) -> Option<()> {
-        (self.next()? == b'{').then_some(())?;
-        self.skip_whitespace();
-        if self.rest().first() == Some(&b'}') {
-            self.at += 1;
-            return Some(());
-        }
-        loop {
-            (self.next()? == b'"').then_some(())?;
-            let rest = self.rest();
-            let len = memchr2(b'"', b'\\', rest)?;
-            let key = rest.get(..len)?;
-            // Printable ASCII only: anything else is for serde to judge.
-            if rest.get(len) != Some(&b'"') || !key.iter().all(|&b| (0x20..0x7f).contains(&b)) {
-                return None;
-            }
-            self.at += len + 1;
-            (self.next()? == b':').then_some(())?;
-            member(self, key)?;
-            match self.next()? {
-                b',' => {}
-                b'}' => return Some(()),
-                _ => return None,
-            }
-        }
-    }
-
-    /// A plain integer (no sign, fraction, exponent or leading zero; fits a u64) or `null`.
-    fn count(&mut self) -> Option<Option<u64>> {
-        self.skip_whitespace();
-        let rest = self.rest();
-        if rest.starts_with(b"null") {
-            self.at += 4;
-            return Some(None);
-        }
-        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-        let after = rest.get(digits).copied();
-        if digits == 0
-            || (digits > 1 && rest.first() == Some(&b'0'))
-            || matches!(after, Some(b'.' | b'e' | b'E'))
-        {
-            return None;
-        }
-        let value = std::str::from_utf8(rest.get(..digits)?)
-            .ok()?
-            .parse()
-            .ok()?;
-        self.at += digits;
-        Some(Some(value))
-    }
-
-    /// A count for a member that may appear once (serde refuses a duplicate).
-    fn count_once(&mut self, slot: &mut Option<u64>) -> Option<()> {
-        if slot.is_some() {
-            return None;
-        }
-        match self.count()? {
-            // `null` then the same key again would be a duplicate too: left to serde.
-            None => None,
-            value => {
-                *slot = value;
-                Some(())
-            }
-        }
-    }
-
-    /// A member serde ignores: a plain integer, `null`, `true` or `false`.
-    fn plain_value(&mut self) -> Option<()> {
-        self.skip_whitespace();
-        for word in [&b"true"[..], b"false"] {
-            if self.rest().starts_with(word) {
-                self.at += word.len();
-                return Some(());
-            }
-        }
-        self.count().map(|_| ())
-    }
-
-    fn details(&mut self, field: &[u8], slot: &mut Option<u64>) -> Option<()> {
-        self.object(|reader, key| {
-            if key == field {
-                reader.count_once(slot)
-            } else {
-                reader.plain_value()
-            }
-        })
-    }
-
-    fn input_details(&mut self, slot: &mut Option<InputDetails>) -> Option<()> {
-        if slot.is_some() {
-            return None;
-        }
-        let mut cached_tokens = None;
-        self.details(b"cached_tokens", &mut cached_tokens)?;
-        *slot = Some(InputDetails { cached_tokens });
-        Some(())
-    }
-
-    fn output_details(&mut self, slot: &mut Option<OutputDetails>) -> Option<()> {
-        if slot.is_some() {
-            return None;
-        }
-        let mut reasoning_tokens = None;
-        self.details(b"reasoning_tokens", &mut reasoning_tokens)?;
-        *slot = Some(OutputDetails { reasoning_tokens });
-        Some(())
-    }
-}
-
 /// Reads a captured usage value: `null`, a usage object, or anything else (malformed).
 fn parse_usage(bytes: &[u8]) -> Parsed {
     let bytes = bytes.trim_ascii();
@@ -839,12 +670,6 @@ fn parse_usage(bytes: &[u8]) -> Parsed {
     // Serde would also read a struct from an array; only an object is a usage object.
     if bytes.first() != Some(&b'{') {
         return Parsed::Malformed;
-    }
-    if let Some(raw) = read_plain_usage(bytes) {
-        return match raw.into_usage() {
-            Some(usage) => Parsed::Usage(usage),
-            None => Parsed::Malformed,
-        };
     }
     match serde_json::from_slice::<RawUsage>(bytes).map(RawUsage::into_usage) {
         Ok(Some(usage)) => Parsed::Usage(usage),
@@ -856,7 +681,6 @@ fn parse_usage(bytes: &[u8]) -> Parsed {
 mod tests {
     use super::*;
     use crate::usage::fixtures;
-    use proptest::prelude::*;
 
     fn scan(body: &str) -> Findings {
         let mut scanner = JsonScanner::new(false);
@@ -1092,137 +916,6 @@ mod tests {
         let nested = r#"{"response":{"output":[{"content":[{"text":"}]\""}]}],"usage":{"input_tokens":3,"x":{"y":[1]}}}}"#;
         scanner.feed(nested.as_bytes());
         assert_eq!(scanner.findings(), found(usage(3, 0, 0, 0), None));
-    }
-
-    #[test]
-    fn openai_usage_objects_take_the_plain_reader() {
-        for body in [
-            fixtures::CHAT_JSON,
-            fixtures::RESPONSES_JSON,
-            fixtures::LEGACY_JSON,
-        ] {
-            let value: serde_json::Value = serde_json::from_str(body).unwrap();
-            let text = value["usage"].to_string();
-            let plain = read_plain_usage(text.as_bytes());
-            assert!(plain.is_some(), "{text}");
-            let serde = serde_json::from_str::<RawUsage>(&text).unwrap();
-            assert_eq!(plain.unwrap(), serde, "{text}");
-        }
-        // What it leaves to serde.
-        for text in [
-            r#"{"type":"duration","seconds":3}"#,
-            r#"{"input_tokens":1.0}"#,
-            r#"{"input_tokens":1,"input_tokens":2}"#,
-            r#"{"input_tokens":null}"#,
-            r#"{"input_tokens":1,"input_tokens_details":null}"#,
-            r#"{"input\u005ftokens":1}"#,
-            r#"{"input_tokens":"1"}"#,
-        ] {
-            assert!(read_plain_usage(text.as_bytes()).is_none(), "{text}");
-        }
-    }
-
-    /// A usage-like object, written member by member (so keys can repeat).
-    fn usage_like() -> impl Strategy<Value = String> {
-        let key = proptest::sample::select(vec![
-            "prompt_tokens",
-            "completion_tokens",
-            "input_tokens",
-            "output_tokens",
-            "total_tokens",
-            "prompt_tokens_details",
-            "input_tokens_details",
-            "input_token_details",
-            "completion_tokens_details",
-            "output_tokens_details",
-            "cached_tokens",
-            "reasoning_tokens",
-            "type",
-            "input\\u005ftokens",
-            "é",
-        ]);
-        let valid = proptest::sample::select(vec!["0", "7", "1234", "18446744073709551615"]);
-        let invalid = proptest::sample::select(vec![
-            "01",
-            "-1",
-            "1.5",
-            "2e3",
-            "18446744073709551616",
-            "null",
-            "true",
-            "false",
-            "\"tokens\"",
-            "[]",
-            "nul",
-        ]);
-        let leaf = prop_oneof![4 => valid, 1 => invalid].prop_map(str::to_owned);
-        let space = proptest::sample::select(vec!["", " ", "\n", "\t"]);
-        let object = |members: Vec<(&str, String, &str)>| {
-            let members: Vec<String> = members
-                .iter()
-                .map(|(key, value, space)| format!("{space}\"{key}\"{space}:{space}{value}"))
-                .collect();
-            format!("{{{}}}", members.join(","))
-        };
-        let details = proptest::collection::vec((key.clone(), leaf.clone(), space.clone()), 0..4)
-            .prop_map(object);
-        let value = prop_oneof![3 => leaf, 1 => details];
-        proptest::collection::vec((key, value, space), 0..8).prop_map(object)
-    }
-
-    /// A usage object of OpenAI's shape: each key once, counts, details objects.
-    fn openai_like() -> impl Strategy<Value = String> {
-        let keys = proptest::sample::subsequence(
-            vec![
-                "prompt_tokens",
-                "completion_tokens",
-                "input_tokens",
-                "output_tokens",
-                "total_tokens",
-                "prompt_tokens_details",
-                "input_tokens_details",
-                "completion_tokens_details",
-                "output_tokens_details",
-            ],
-            0..=9,
-        );
-        let counts = proptest::collection::vec(any::<u64>(), 9);
-        let space = proptest::sample::select(vec!["", " ", "\n  "]);
-        (keys, counts, space).prop_map(|(keys, counts, space)| {
-            let members: Vec<String> = keys
-                .iter()
-                .zip(&counts)
-                .map(|(key, count)| {
-                    let value = if key.ends_with("_details") {
-                        format!(
-                            "{{{space}\"audio_tokens\":0,\"cached_tokens\":{count},\"reasoning_tokens\":{count},\"flag\":true{space}}}"
-                        )
-                    } else {
-                        count.to_string()
-                    };
-                    format!("{space}\"{key}\":{space}{value}")
-                })
-                .collect();
-            format!("{{{}{space}}}", members.join(","))
-        })
-    }
-
-    proptest! {
-        #[test]
-        fn the_plain_usage_reader_reads_openai_shapes(text in openai_like()) {
-            let plain = read_plain_usage(text.as_bytes());
-            prop_assert!(plain.is_some(), "{}", text);
-            prop_assert_eq!(plain.unwrap(), serde_json::from_str::<RawUsage>(&text).unwrap());
-        }
-
-        #[test]
-        fn the_plain_usage_reader_reads_what_serde_reads(text in usage_like()) {
-            if let Some(plain) = read_plain_usage(text.as_bytes()) {
-                let serde = serde_json::from_str::<RawUsage>(&text);
-                prop_assert!(serde.is_ok(), "{}: {:?}", text, serde.err());
-                prop_assert_eq!(plain, serde.unwrap(), "{}", text);
-            }
-        }
     }
 
     #[test]
