@@ -67,7 +67,12 @@ pub struct Watch {
 impl Watch {
     fn finish(&mut self, ending: Ending) {
         if let Some(settle) = self.settle.take() {
-            let report = self.meter.as_ref().map(Meter::report).unwrap_or_default();
+            let report = match (&self.meter, &self.filter) {
+                (Some(meter), _) => meter.report(),
+                // A filtered stream is metered by its filter's scanner.
+                (None, Some(filter)) => filter.report(),
+                (None, None) => Report::default(),
+            };
             settle.settle(report, ending);
         }
     }

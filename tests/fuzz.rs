@@ -208,13 +208,19 @@ fn meter(format: Format, encoding: Encoding, pieces: &[&[u8]]) -> Report {
 }
 
 fn filter(pieces: &[&[u8]]) -> Vec<u8> {
+    filter_and_report(pieces).0
+}
+
+/// What the filter lets through, and what it reports as the stream's meter.
+fn filter_and_report(pieces: &[&[u8]]) -> (Vec<u8>, Report) {
     let mut filter = UsageChunkFilter::new();
     let mut out = Vec::new();
     for piece in pieces {
         out.extend_from_slice(&filter.push(piece));
     }
+    let report = filter.report();
     out.extend_from_slice(&filter.finish());
-    out
+    (out, report)
 }
 
 fn compress(encoding: Encoding, raw_deflate: bool, data: &[u8]) -> Vec<u8> {
@@ -950,6 +956,18 @@ proptest! {
         let whole = filter(&[&body]);
         let split = filter(&chunking.split(&body));
         prop_assert_eq!(split, whole);
+    }
+
+    /// A filtered stream is metered by the filter's scanner: on any bytes and chunking it
+    /// reports what a meter of the same stream reports.
+    #[test]
+    fn usage_filter_reports_what_a_meter_reports(
+        body in prop_oneof![hostile_bytes(), gen_stream().prop_map(|s| s.render().bytes)],
+        chunking in chunking(),
+    ) {
+        let pieces = chunking.split(&body);
+        let (_, report) = filter_and_report(&pieces);
+        prop_assert_eq!(report, meter(Format::Sse, Encoding::Identity, &pieces));
     }
 
     /// On generated streams the filter removes exactly the chat usage-only chunks, byte for

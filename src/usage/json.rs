@@ -476,7 +476,9 @@ impl JsonScanner {
                     self.found.malformed = true;
                     return key;
                 }
-                if b != b'n' {
+                // Only the top level's `usage` makes a usage-only chunk, whether or not the
+                // `response` object is watched too.
+                if b != b'n' && self.depth == 1 {
                     self.doc_usage_non_null = true;
                 }
                 self.usage_buf.clear();

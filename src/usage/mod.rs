@@ -79,6 +79,18 @@ pub struct Report {
     pub incomplete: bool,
 }
 
+impl Report {
+    fn from_findings(found: json::Findings, events: u64, incomplete: bool) -> Report {
+        Report {
+            usage: found.usage,
+            model: found.model,
+            events,
+            malformed: found.malformed,
+            incomplete,
+        }
+    }
+}
+
 /// The scanner for one body format.
 #[derive(Debug)]
 enum Scanner {
@@ -108,16 +120,11 @@ impl Scanner {
     }
 
     fn report(&self) -> Report {
-        let (found, events, incomplete) = match self {
-            Scanner::Json(scanner) => (scanner.findings(), 0, scanner.incomplete()),
-            Scanner::Sse(scanner) => (scanner.findings(), scanner.events(), scanner.incomplete()),
-        };
-        Report {
-            usage: found.usage,
-            model: found.model,
-            events,
-            malformed: found.malformed,
-            incomplete,
+        match self {
+            Scanner::Json(scanner) => {
+                Report::from_findings(scanner.findings(), 0, scanner.incomplete())
+            }
+            Scanner::Sse(scanner) => scanner.report(),
         }
     }
 }

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use memchr::memchr2;
 
 use super::json::{Findings, JsonScanner};
+use super::Report;
 
 const DATA: &[u8] = b"data";
 const DONE: &[u8] = b"[DONE]";
@@ -93,6 +94,11 @@ impl SseScanner {
     /// Findings so far, judging a usage value cut off by the end of input as malformed.
     pub(crate) fn findings(&self) -> Findings {
         self.json.findings()
+    }
+
+    /// What a [`super::Meter`] of an uncompressed stream reports after the same bytes.
+    pub(crate) fn report(&self) -> Report {
+        Report::from_findings(self.findings(), self.events(), self.incomplete())
     }
 
     #[cfg(test)]
@@ -273,7 +279,9 @@ impl Default for UsageChunkFilter {
 impl UsageChunkFilter {
     pub fn new() -> Self {
         UsageChunkFilter {
-            sse: SseScanner::new(false),
+            // Watching `response` as a meter does, so that the filter's scanner can meter the
+            // stream too (see [`Self::report`]); usage-only chunks are judged on the top level.
+            sse: SseScanner::new(true),
             held: Vec::new(),
             event_len: 0,
             passthrough: false,
@@ -327,6 +335,13 @@ impl UsageChunkFilter {
             }
         }
         Bytes::from(out)
+    }
+
+    /// What a [`super::Meter`] with `Format::Sse` and `Encoding::Identity` fed the same
+    /// chunks would report: the filter scans every byte it is given anyway, so a filtered
+    /// stream needs no meter of its own.
+    pub fn report(&self) -> Report {
+        self.sse.report()
     }
 
     /// End of stream: returns whatever partial event is held, forwarded as is.
