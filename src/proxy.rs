@@ -324,7 +324,10 @@ async fn forward(
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     // (The client's Authorization is replaced below.)
-    headers.remove(header::HOST);
+    match client.host() {
+        Some(host) => headers.insert(header::HOST, host.clone()),
+        None => headers.remove(header::HOST),
+    };
     headers.remove(OPENAI_PROJECT);
     headers.remove(OPENAI_ORGANIZATION);
     if rewrite {

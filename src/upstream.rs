@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{PathAndQuery, Scheme};
-use http::Uri;
+use http::{HeaderValue, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -34,6 +34,9 @@ pub struct Upstream {
     authority: http::uri::Authority,
     /// Path prefix of the base URL, without a trailing slash ("" for none).
     prefix: String,
+    /// The `Host` header for the upstream, built once: without it the client formats one
+    /// from the URI for every request.
+    host: Option<HeaderValue>,
 }
 
 impl Upstream {
@@ -55,14 +58,21 @@ impl Upstream {
             .pool_max_idle_per_host(1024)
             .build(https);
         let base = &config.base_url;
+        let authority = base
+            .authority()
+            .cloned()
+            .unwrap_or_else(|| http::uri::Authority::from_static("api.openai.com"));
+        // The authority as written (so that over HTTP/2 it equals `:authority`, as RFC 9113
+        // requires of a Host header); one with user info is left to the client.
+        let host = (!authority.as_str().contains('@'))
+            .then(|| HeaderValue::from_str(authority.as_str()).ok())
+            .flatten();
         Ok(Upstream {
             client,
             scheme: base.scheme().cloned().unwrap_or(Scheme::HTTPS),
-            authority: base
-                .authority()
-                .cloned()
-                .unwrap_or_else(|| http::uri::Authority::from_static("api.openai.com")),
+            authority,
             prefix: base.path().trim_end_matches('/').to_owned(),
+            host,
         })
     }
 
@@ -82,6 +92,11 @@ impl Upstream {
 
     pub fn authority(&self) -> &http::uri::Authority {
         &self.authority
+    }
+
+    /// The `Host` header to send, if it could be built.
+    pub fn host(&self) -> Option<&HeaderValue> {
+        self.host.as_ref()
     }
 
     pub async fn send(

@@ -136,6 +136,8 @@ async fn swaps_the_token_for_the_real_key() {
         format!("Bearer {REAL_KEY}").as_str()
     );
     assert_eq!(request.headers["openai-project"], "proj_alpha");
+    // The upstream's own host, not the one the client addressed.
+    assert_eq!(request.headers["host"], mock.addr.to_string().as_str());
     assert!(request.headers.get("openai-organization").is_none());
     assert_eq!(request.headers["x-request-id"], "req-from-client");
     let all_headers = format!("{:?}", request.headers);

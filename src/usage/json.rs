@@ -162,6 +162,18 @@ impl JsonScanner {
                     self.capture_bytes(skipped);
                     rest = after;
                 }
+            } else if b == b'"' && self.awaiting_value && self.key == Key::Other {
+                // A string value of a member nobody watches: passed over whole.
+                self.awaiting_value = false;
+                let content = rest.get(1..).unwrap_or_default();
+                match string_end(content) {
+                    StringEnd::Quote(len) => rest = rest.get(len + 2..).unwrap_or_default(),
+                    StringEnd::Open { escape } => {
+                        self.in_string = true;
+                        self.escape = escape;
+                        rest = &[];
+                    }
+                }
             } else if b == b'"' && self.expect_key && self.skipping() && self.watched() {
                 match self.read_whole_key(rest) {
                     0 => {
@@ -194,7 +206,7 @@ impl JsonScanner {
     /// Nothing is being captured and no value or array is about to start: only structural
     /// bytes can change the state.
     fn skipping(&self) -> bool {
-        self.capture == Capture::None && !self.awaiting_value && !self.choices_open
+        matches!(self.capture, Capture::None) && !self.awaiting_value && !self.choices_open
     }
 
     /// Below the watched objects (depth 2 or more, and not the watched `response` object),
@@ -395,7 +407,7 @@ impl JsonScanner {
 
     /// One byte outside any string.
     fn feed_byte(&mut self, b: u8) {
-        if self.capture == Capture::UsageLiteral {
+        if matches!(self.capture, Capture::UsageLiteral) {
             if is_delimiter(b) {
                 self.finish_usage();
             } else {
@@ -452,7 +464,8 @@ impl JsonScanner {
                     self.top_is_object = false;
                 }
                 self.expect_key = false;
-                if self.capture == (Capture::UsageContainer { depth: self.depth }) {
+                if matches!(self.capture, Capture::UsageContainer { depth } if depth == self.depth)
+                {
                     self.finish_usage();
                 }
             }
