@@ -425,14 +425,13 @@ async fn forward(
             .get(header::CONTENT_ENCODING)
             .map(HeaderValue::as_bytes),
     );
-    let meter = match (format, encoding) {
-        (Some(format), Some(encoding)) => Some(Meter::new(format, encoding)),
-        _ => None,
-    };
     let filter = (rewrite && format == Some(Format::Sse) && encoding == Some(Encoding::Identity))
         .then(UsageChunkFilter::new);
-    // The filter scans every event anyway and reports what this meter would: one scan, not two.
-    let meter = if filter.is_some() { None } else { meter };
+    // The filter scans every event anyway and reports what a meter would: one scan, not two.
+    let meter = match (format, encoding, &filter) {
+        (Some(format), Some(encoding), None) => Some(Meter::new(format, encoding)),
+        _ => None,
+    };
     if filter.is_some() {
         head.headers.remove(header::CONTENT_LENGTH);
     }
