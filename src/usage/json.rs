@@ -165,15 +165,8 @@ impl JsonScanner {
             } else if b == b'"' && self.awaiting_value && self.key == Key::Other {
                 // A string value of a member nobody watches: passed over whole.
                 self.awaiting_value = false;
-                let content = rest.get(1..).unwrap_or_default();
-                match string_end(content) {
-                    StringEnd::Quote(len) => rest = rest.get(len + 2..).unwrap_or_default(),
-                    StringEnd::Open { escape } => {
-                        self.in_string = true;
-                        self.escape = escape;
-                        rest = &[];
-                    }
-                }
+                let used = self.skip_string(rest);
+                rest = rest.get(used..).unwrap_or_default();
             } else if b == b'"' && self.expect_key && self.skipping() && self.watched() {
                 match self.read_whole_key(rest) {
                     0 => {
@@ -220,8 +213,8 @@ impl JsonScanner {
             && !self.choices_open
     }
 
-    /// Passes over the inside of a nested container in one loop: strings are skipped whole (with
-    /// `memchr` past their first bytes) and brackets move the depth. Stops before a closing
+    /// Passes over the inside of a nested container in one loop: strings are skipped whole
+    /// ([`Self::skip_string`]) and brackets move the depth. Stops before a closing
     /// bracket that would bring the depth to 2 or less (where objects may be watched and
     /// usage captures end), which [`Self::feed_byte`] then takes; a string left open at the end
     /// of `input` leaves the scanner in it. Returns the number of bytes used.
@@ -230,15 +223,7 @@ impl JsonScanner {
         while let Some(&b) = input.get(at) {
             match b {
                 b'"' => {
-                    let content = input.get(at + 1..).unwrap_or_default();
-                    match string_end(content) {
-                        StringEnd::Quote(len) => at += len + 2,
-                        StringEnd::Open { escape } => {
-                            self.in_string = true;
-                            self.escape = escape;
-                            return input.len();
-                        }
-                    }
+                    at += self.skip_string(input.get(at..).unwrap_or_default());
                     continue;
                 }
                 b'{' | b'[' => self.depth = self.depth.saturating_add(1),
@@ -253,6 +238,20 @@ impl JsonScanner {
             at += 1;
         }
         at
+    }
+
+    /// Passes over the string that opens at the start of `input`; returns the bytes used. A
+    /// string that does not end in `input` uses all of it and leaves the scanner in it (and
+    /// after a backslash, in its escape).
+    fn skip_string(&mut self, input: &[u8]) -> usize {
+        match string_end(input.get(1..).unwrap_or_default()) {
+            StringEnd::Quote(len) => len + 2,
+            StringEnd::Open { escape } => {
+                self.in_string = true;
+                self.escape = escape;
+                input.len()
+            }
+        }
     }
 
     /// Ends the current document (an SSE event ended): a usage value still open is judged as
