@@ -4,15 +4,17 @@
 //! It is a small tokenizer (depth, in-string, escape, current key) that watches the members of
 //! the top-level object and, when asked, of the object under its top-level `response` key. Only
 //! the bytes of a watched `usage` value and of a watched `model` string are kept, each in a
-//! capped buffer; the captured usage is then deserialized by serde into a small struct.
+//! capped buffer; the captured usage is then read into a small struct, by a reader for the plain
+//! shape OpenAI sends ([`read_plain_usage`]) or, for any other shape, by serde, which has the last
+//! word on what a usage object is.
 //!
 //! Invariants: memory is bounded (a few fixed fields plus two capped, reused buffers) whatever
-//! the document's size; strings are skipped with `memchr`; and what the scanner finds depends only
-//! on the bytes fed, never on where they were split.
+//! the document's size; the scanner jumps from one byte that matters to the next (`find`); and
+//! what it finds depends only on the bytes fed, never on where they were split.
 
-use memchr::memchr2;
 use serde::Deserialize;
 
+use super::find;
 use super::Usage;
 
 /// Largest `usage` value kept; a longer one is reported as malformed rather than buffered.
@@ -178,11 +180,12 @@ impl JsonScanner {
             } else if self.skipping() {
                 // Between tokens that matter, a run of whitespace, literals and (outside the
                 // watched objects) separators changes nothing: pass over it in one go.
-                let watched = self.watched();
-                let run = rest
-                    .iter()
-                    .position(|&c| is_structural(c, watched))
-                    .unwrap_or(rest.len());
+                let run = if self.watched() {
+                    find::structural(rest)
+                } else {
+                    find::string_or_bracket(rest)
+                };
+                let run = run.unwrap_or(rest.len());
                 if run == 0 {
                     self.feed_byte(b);
                     rest = tail;
@@ -220,24 +223,24 @@ impl JsonScanner {
     /// of `input` leaves the scanner in it. Returns the number of bytes used.
     fn skip_nested(&mut self, input: &[u8]) -> usize {
         let mut at = 0;
-        while let Some(&b) = input.get(at) {
-            match b {
-                b'"' => {
+        while let Some(pos) = find::string_or_bracket(input.get(at..).unwrap_or_default()) {
+            at += pos;
+            match input.get(at) {
+                Some(b'"') => {
                     at += self.skip_string(input.get(at..).unwrap_or_default());
                     continue;
                 }
-                b'{' | b'[' => self.depth = self.depth.saturating_add(1),
-                b'}' | b']' => {
+                Some(b'{' | b'[') => self.depth = self.depth.saturating_add(1),
+                _ => {
                     if self.depth <= 3 {
                         return at;
                     }
                     self.depth -= 1;
                 }
-                _ => {}
             }
             at += 1;
         }
-        at
+        input.len()
     }
 
     /// Passes over the string that opens at the start of `input`; returns the bytes used. A
@@ -327,7 +330,7 @@ impl JsonScanner {
             self.capture_bytes(input.get(..1).unwrap_or_default());
             return 1;
         }
-        match memchr2(b'"', b'\\', input) {
+        match find::quote_or_backslash(input) {
             None => {
                 self.string_content(input);
                 input.len()
@@ -393,7 +396,7 @@ impl JsonScanner {
     /// the byte-by-byte path.
     fn read_whole_key(&mut self, input: &[u8]) -> usize {
         let content = input.get(1..).unwrap_or_default();
-        match memchr2(b'"', b'\\', content) {
+        match find::quote_or_backslash(content) {
             Some(len) if content.get(len) == Some(&b'"') => {
                 let key = content.get(..len).filter(|key| key.len() <= KEY_BUF);
                 self.key = self.match_key(key);
@@ -554,7 +557,7 @@ impl JsonScanner {
     fn finish_model(&mut self) {
         self.capture = Capture::None;
         if !self.model_overflow && self.found.model.is_none() {
-            self.found.model = serde_json::from_slice::<String>(&self.model_buf).ok();
+            self.found.model = read_string(&self.model_buf);
         }
     }
 }
@@ -583,7 +586,7 @@ fn string_end(content: &[u8]) -> StringEnd {
     let mut at = 0;
     loop {
         let rest = content.get(at..).unwrap_or_default();
-        let Some(pos) = memchr2(b'"', b'\\', rest) else {
+        let Some(pos) = find::quote_or_backslash(rest) else {
             return StringEnd::Open { escape: false };
         };
         let pos = at.saturating_add(pos);
@@ -602,19 +605,23 @@ fn is_whitespace(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
-/// A byte that changes the scanner's state when nothing is being captured: strings and
-/// containers everywhere, and the separators of a watched object.
-fn is_structural(b: u8, watched: bool) -> bool {
-    matches!(b, b'"' | b'{' | b'}' | b'[' | b']') || (watched && matches!(b, b':' | b','))
-}
-
 /// Ends a literal.
 fn is_delimiter(b: u8) -> bool {
     is_whitespace(b) || matches!(b, b',' | b'}' | b']' | b':' | b'"' | b'{' | b'[')
 }
 
+/// A JSON string, quotes included, as serde reads it: a plain one (no escape, no control
+/// character) is taken as it is, anything else is left to serde.
+fn read_string(quoted: &[u8]) -> Option<String> {
+    let content = quoted.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+    if find::is_plain_text(content) {
+        return std::str::from_utf8(content).ok().map(str::to_owned);
+    }
+    serde_json::from_slice(quoted).ok()
+}
+
 /// The usage object as OpenAI spells it across endpoints.
-#[derive(Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 struct RawUsage {
     /// `"tokens"` or `"duration"` on audio transcriptions; anything else is ignored.
     #[serde(rename = "type")]
@@ -631,12 +638,12 @@ struct RawUsage {
     output_tokens_details: Option<OutputDetails>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 struct InputDetails {
     cached_tokens: Option<u64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 struct OutputDetails {
     reasoning_tokens: Option<u64>,
 }
@@ -685,9 +692,200 @@ fn parse_usage(bytes: &[u8]) -> Parsed {
     if bytes.first() != Some(&b'{') {
         return Parsed::Malformed;
     }
+    if let Some(raw) = read_plain_usage(bytes) {
+        return raw.into_usage().map_or(Parsed::Malformed, Parsed::Usage);
+    }
     match serde_json::from_slice::<RawUsage>(bytes).map(RawUsage::into_usage) {
         Ok(Some(usage)) => Parsed::Usage(usage),
         Ok(None) | Err(_) => Parsed::Malformed,
+    }
+}
+
+/// Reads a usage object of the shape OpenAI sends (keys without escapes, token counts as plain
+/// integers or `null`, the `*_details` objects, other members holding a plain integer, `null`
+/// or a boolean) as serde would, for a fraction of its cost; `None` for anything else (a `type`
+/// member, a float, a string, a duplicate member, ...), which serde then reads.
+fn read_plain_usage(bytes: &[u8]) -> Option<RawUsage> {
+    let mut reader = PlainReader { bytes, at: 0 };
+    let mut raw = RawUsage::default();
+    // Members seen, one bit each: serde refuses a duplicate.
+    let mut seen = 0u16;
+    reader.object(|reader, key| {
+        match key {
+            b"prompt_tokens" => {
+                once(&mut seen, 0)?;
+                raw.prompt_tokens = reader.count()?;
+            }
+            b"completion_tokens" => {
+                once(&mut seen, 1)?;
+                raw.completion_tokens = reader.count()?;
+            }
+            b"input_tokens" => {
+                once(&mut seen, 2)?;
+                raw.input_tokens = reader.count()?;
+            }
+            b"output_tokens" => {
+                once(&mut seen, 3)?;
+                raw.output_tokens = reader.count()?;
+            }
+            b"prompt_tokens_details" => {
+                once(&mut seen, 4)?;
+                raw.prompt_tokens_details = reader.input_details()?;
+            }
+            b"input_tokens_details" => {
+                once(&mut seen, 5)?;
+                raw.input_tokens_details = reader.input_details()?;
+            }
+            b"input_token_details" => {
+                once(&mut seen, 6)?;
+                raw.input_token_details = reader.input_details()?;
+            }
+            b"completion_tokens_details" => {
+                once(&mut seen, 7)?;
+                raw.completion_tokens_details = reader.output_details()?;
+            }
+            b"output_tokens_details" => {
+                once(&mut seen, 8)?;
+                raw.output_tokens_details = reader.output_details()?;
+            }
+            // Any JSON value: serde's to read.
+            b"type" => return None,
+            _ => reader.plain_value()?,
+        }
+        Some(())
+    })?;
+    reader.skip_whitespace();
+    (reader.at == bytes.len()).then_some(raw)
+}
+
+/// Marks member `bit` seen; `None` if it was already.
+fn once(seen: &mut u16, bit: u32) -> Option<()> {
+    let mask = 1u16 << bit;
+    if *seen & mask != 0 {
+        return None;
+    }
+    *seen |= mask;
+    Some(())
+}
+
+/// The cursor of [`read_plain_usage`]. Every method returns `None` when the input leaves the
+/// plain shape.
+struct PlainReader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> PlainReader<'a> {
+    fn skip_whitespace(&mut self) {
+        while self.bytes.get(self.at).is_some_and(|&b| is_whitespace(b)) {
+            self.at += 1;
+        }
+    }
+
+    /// The next significant byte, consumed.
+    fn next(&mut self) -> Option<u8> {
+        self.skip_whitespace();
+        let b = *self.bytes.get(self.at)?;
+        self.at += 1;
+        Some(b)
+    }
+
+    fn rest(&self) -> &'a [u8] {
+        self.bytes.get(self.at..).unwrap_or_default()
+    }
+
+    /// An object, each member's key passed to `member`, which reads the value.
+    fn object(&mut self, mut member: impl FnMut(&mut Self, &'a [u8]) -> Option<()>) -> Option<()> {
+        (self.next()? == b'{').then_some(())?;
+        self.skip_whitespace();
+        if self.rest().first() == Some(&b'}') {
+            self.at += 1;
+            return Some(());
+        }
+        loop {
+            (self.next()? == b'"').then_some(())?;
+            let rest = self.rest();
+            let len = find::quote_or_backslash(rest)?;
+            let key = rest.get(..len)?;
+            // Printable ASCII without escapes only: anything else is for serde to judge.
+            if rest.get(len) != Some(&b'"') || !find::is_plain_text(key) {
+                return None;
+            }
+            self.at += len + 1;
+            (self.next()? == b':').then_some(())?;
+            member(self, key)?;
+            match self.next()? {
+                b',' => {}
+                b'}' => return Some(()),
+                _ => return None,
+            }
+        }
+    }
+
+    /// A plain integer (no sign, fraction, exponent or leading zero; fits a u64) or `null`.
+    fn count(&mut self) -> Option<Option<u64>> {
+        self.skip_whitespace();
+        let rest = self.rest();
+        if rest.starts_with(b"null") {
+            self.at += 4;
+            return Some(None);
+        }
+        let mut value = 0u64;
+        let mut digits = 0;
+        while let Some(&b) = rest.get(digits).filter(|b| b.is_ascii_digit()) {
+            value = value.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+            digits += 1;
+        }
+        let leading_zero = digits > 1 && rest.first() == Some(&b'0');
+        if digits == 0 || leading_zero || matches!(rest.get(digits), Some(b'.' | b'e' | b'E')) {
+            return None;
+        }
+        self.at += digits;
+        Some(Some(value))
+    }
+
+    /// A member serde ignores: a plain integer, `null`, `true` or `false`.
+    fn plain_value(&mut self) -> Option<()> {
+        self.skip_whitespace();
+        for word in [&b"true"[..], b"false"] {
+            if self.rest().starts_with(word) {
+                self.at += word.len();
+                return Some(());
+            }
+        }
+        self.count().map(|_| ())
+    }
+
+    /// A `*_details` value: `null` or an object whose `field` is a count; returns that count's
+    /// slot filled.
+    fn details(&mut self, field: &[u8]) -> Option<Option<Option<u64>>> {
+        self.skip_whitespace();
+        if self.rest().starts_with(b"null") {
+            self.at += 4;
+            return Some(None);
+        }
+        let mut count = None;
+        let mut seen = 0u16;
+        self.object(|reader, key| {
+            if key == field {
+                once(&mut seen, 0)?;
+                count = reader.count()?;
+                Some(())
+            } else {
+                reader.plain_value()
+            }
+        })?;
+        Some(Some(count))
+    }
+
+    fn input_details(&mut self) -> Option<Option<InputDetails>> {
+        let details = self.details(b"cached_tokens")?;
+        Some(details.map(|cached_tokens| InputDetails { cached_tokens }))
+    }
+
+    fn output_details(&mut self) -> Option<Option<OutputDetails>> {
+        let details = self.details(b"reasoning_tokens")?;
+        Some(details.map(|reasoning_tokens| OutputDetails { reasoning_tokens }))
     }
 }
 
@@ -695,6 +893,7 @@ fn parse_usage(bytes: &[u8]) -> Parsed {
 mod tests {
     use super::*;
     use crate::usage::fixtures;
+    use proptest::prelude::*;
 
     fn scan(body: &str) -> Findings {
         let mut scanner = JsonScanner::new(false);
@@ -948,6 +1147,157 @@ mod tests {
                 scanner.feed(&body.as_bytes()[..at]);
                 scanner.feed(&body.as_bytes()[at..]);
                 assert_eq!(scanner.findings(), whole, "split at {at}");
+            }
+        }
+    }
+
+    #[test]
+    fn openai_usage_objects_take_the_plain_reader() {
+        for body in [
+            fixtures::CHAT_JSON,
+            fixtures::RESPONSES_JSON,
+            fixtures::LEGACY_JSON,
+        ] {
+            let value: serde_json::Value = serde_json::from_str(body).unwrap();
+            let text = value["usage"].to_string();
+            let plain = read_plain_usage(text.as_bytes());
+            assert!(plain.is_some(), "{text}");
+            let serde = serde_json::from_str::<RawUsage>(&text).unwrap();
+            assert_eq!(plain.unwrap(), serde, "{text}");
+        }
+        // What it leaves to serde.
+        for text in [
+            r#"{"type":"duration","seconds":3}"#,
+            r#"{"input_tokens":1.0}"#,
+            r#"{"input_tokens":1,"input_tokens":2}"#,
+            r#"{"input_tokens":null,"input_tokens":2}"#,
+            r#"{"input_tokens_details":{"cached_tokens":1,"cached_tokens":1}}"#,
+            r#"{"input\u005ftokens":1}"#,
+            r#"{"input_tokens":"1"}"#,
+            r#"{"input_tokens":01}"#,
+            r#"{"input_tokens":18446744073709551616}"#,
+            "{\"input_tokens\":1,\"caf\u{e9}\":1}",
+            "{\"input_tokens\":1,\"tab\there\":1}",
+        ] {
+            assert!(read_plain_usage(text.as_bytes()).is_none(), "{text}");
+        }
+    }
+
+    #[test]
+    fn plain_model_strings_are_read_as_serde_reads_them() {
+        for quoted in [
+            r#""gpt-4o-mini-2024-07-18""#,
+            r#""""#,
+            r#""a\"b""#,
+            r#""\u0067pt""#,
+            "\"caf\u{e9}\"",
+            "\"tab\there\"",
+            r#""open"#,
+        ] {
+            let serde = serde_json::from_str::<String>(quoted).ok();
+            assert_eq!(read_string(quoted.as_bytes()), serde, "{quoted}");
+        }
+    }
+
+    /// A usage-like object, written member by member (so keys can repeat).
+    fn usage_like() -> impl Strategy<Value = String> {
+        let key = proptest::sample::select(vec![
+            "prompt_tokens",
+            "completion_tokens",
+            "input_tokens",
+            "output_tokens",
+            "total_tokens",
+            "prompt_tokens_details",
+            "input_tokens_details",
+            "input_token_details",
+            "completion_tokens_details",
+            "output_tokens_details",
+            "cached_tokens",
+            "reasoning_tokens",
+            "type",
+            "input\\u005ftokens",
+            "é",
+        ]);
+        let valid = proptest::sample::select(vec!["0", "7", "1234", "18446744073709551615"]);
+        let invalid = proptest::sample::select(vec![
+            "01",
+            "-1",
+            "1.5",
+            "2e3",
+            "18446744073709551616",
+            "null",
+            "true",
+            "false",
+            "\"tokens\"",
+            "[]",
+            "nul",
+        ]);
+        let leaf = prop_oneof![4 => valid, 1 => invalid].prop_map(str::to_owned);
+        let space = proptest::sample::select(vec!["", " ", "\n", "\t"]);
+        let object = |members: Vec<(&str, String, &str)>| {
+            let members: Vec<String> = members
+                .iter()
+                .map(|(key, value, space)| format!("{space}\"{key}\"{space}:{space}{value}"))
+                .collect();
+            format!("{{{}}}", members.join(","))
+        };
+        let details = proptest::collection::vec((key.clone(), leaf.clone(), space.clone()), 0..4)
+            .prop_map(object);
+        let value = prop_oneof![3 => leaf, 1 => details];
+        proptest::collection::vec((key, value, space), 0..8).prop_map(object)
+    }
+
+    /// A usage object of OpenAI's shape: each key once, counts, details objects.
+    fn openai_like() -> impl Strategy<Value = String> {
+        let keys = proptest::sample::subsequence(
+            vec![
+                "prompt_tokens",
+                "completion_tokens",
+                "input_tokens",
+                "output_tokens",
+                "total_tokens",
+                "prompt_tokens_details",
+                "input_tokens_details",
+                "completion_tokens_details",
+                "output_tokens_details",
+            ],
+            0..=9,
+        );
+        let counts = proptest::collection::vec(any::<u64>(), 9);
+        let space = proptest::sample::select(vec!["", " ", "\n  "]);
+        (keys, counts, space).prop_map(|(keys, counts, space)| {
+            let members: Vec<String> = keys
+                .iter()
+                .zip(&counts)
+                .map(|(key, count)| {
+                    let value = if key.ends_with("_details") {
+                        format!(
+                            "{{{space}\"audio_tokens\":0,\"cached_tokens\":{count},\"reasoning_tokens\":{count},\"flag\":true{space}}}"
+                        )
+                    } else {
+                        count.to_string()
+                    };
+                    format!("{space}\"{key}\":{space}{value}")
+                })
+                .collect();
+            format!("{{{}{space}}}", members.join(","))
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn the_plain_usage_reader_reads_openai_shapes(text in openai_like()) {
+            let plain = read_plain_usage(text.as_bytes());
+            prop_assert!(plain.is_some(), "{}", text);
+            prop_assert_eq!(plain.unwrap(), serde_json::from_str::<RawUsage>(&text).unwrap());
+        }
+
+        #[test]
+        fn the_plain_usage_reader_reads_what_serde_reads(text in usage_like()) {
+            if let Some(plain) = read_plain_usage(text.as_bytes()) {
+                let serde = serde_json::from_str::<RawUsage>(&text);
+                prop_assert!(serde.is_ok(), "{}: {:?}", text, serde.err());
+                prop_assert_eq!(plain, serde.unwrap(), "{}", text);
             }
         }
     }

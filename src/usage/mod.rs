@@ -4,13 +4,13 @@
 //! never holds the body. Compressed bodies go through a streaming decoder on the side
 //! (`decode.rs`; gzip CRCs and zlib checksums are checked as their trailers arrive) whose output
 //! is fed straight to a scanner. For JSON bodies the scanner is a small tokenizer (`json.rs`)
-//! that tracks depth, strings and the current key, skips strings with `memchr`, and keeps only
-//! the bytes of the top-level `usage` value (capped at 16 KiB) and of the `model` string; only
-//! that captured usage object is deserialized with serde. For SSE bodies (`sse.rs`) a byte-level
-//! line scanner finds event boundaries and feeds each event's `data` to the same tokenizer, which
-//! then also looks under the top-level `response` key (Responses API events). Every piece is a
-//! state machine over bytes, so any chunking of the same body gives the same [`Report`], and
-//! memory stays bounded whatever the body's size.
+//! that tracks depth, strings and the current key, jumps between the bytes that matter eight at a
+//! time (`find.rs`), and keeps only the bytes of the top-level `usage` value (capped at 16 KiB)
+//! and of the `model` string; only that captured usage object is read. For SSE bodies (`sse.rs`)
+//! a byte-level line scanner finds event boundaries and feeds each event's `data` to the same
+//! tokenizer, which then also looks under the top-level `response` key (Responses API events).
+//! Every piece is a state machine over bytes, so any chunking of the same body gives the same
+//! [`Report`], and memory stays bounded whatever the body's size.
 //!
 //! A body cut short is not malformed unless the cut falls inside a usage value; the caller knows
 //! a cut body from its own end-of-stream, and [`Report::events`] helps it estimate.
@@ -20,6 +20,7 @@
 //! (1 MiB at most).
 
 mod decode;
+mod find;
 #[cfg(test)]
 mod fixtures;
 mod json;
