@@ -9,7 +9,8 @@
 //! threads write each line at once. Batches and lines are written through a duplicate of the
 //! descriptor, so no `Stdout` mutex is taken, and a batch of at most 4 KiB of whole lines is
 //! never split or interleaved (the kernel serialises writes to a file; a pipe takes up to 4 KiB
-//! atomically).
+//! atomically). The request line, written once per request, skips tracing's formatting when
+//! lines are plain text ([`request`]): it is the same line, formatted in place.
 //!
 //! What this trades: a proxy thread's lines reach the output within [`FLUSH_INTERVAL`], or
 //! after at most 4 KiB of lines under load, rather than one write(2) per request when traffic
@@ -22,6 +23,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::{IsTerminal, Write};
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -40,6 +42,10 @@ pub const BATCH_BYTES: usize = 4096;
 
 /// The duplicate of standard output that lines are written to.
 static OUTPUT: OnceLock<File> = OnceLock::new();
+
+/// Lines are text without colours ([`init`] with [`Format::Text`], not at a terminal): the
+/// request line is then written by [`request`] itself.
+static PLAIN_TEXT: AtomicBool = AtomicBool::new(false);
 
 thread_local! {
     /// This thread batches its lines (it is a runtime worker that parks).
@@ -96,30 +102,36 @@ pub struct LineWriter;
 
 impl Write for LineWriter {
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
-        if !BATCHING.with(Cell::get) || line.len() > BATCH_BYTES {
-            write_out(line);
-            return Ok(line.len());
-        }
-        BATCH.with(|batch| match batch.try_borrow_mut() {
-            Ok(mut batch) => {
-                if batch.len() + line.len() > BATCH_BYTES {
-                    write_out(&batch);
-                    batch.clear();
-                }
-                if batch.capacity() == 0 {
-                    batch.reserve_exact(BATCH_BYTES);
-                }
-                batch.extend_from_slice(line);
-            }
-            // Logging while flushing (cannot happen: nothing logs in `write_out`).
-            Err(_) => write_out(line),
-        });
+        emit(line);
         Ok(line.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// Adds one whole line to this thread's batch, or writes it at once on a thread that does not
+/// batch.
+fn emit(line: &[u8]) {
+    if !BATCHING.with(Cell::get) || line.len() > BATCH_BYTES {
+        write_out(line);
+        return;
+    }
+    BATCH.with(|batch| match batch.try_borrow_mut() {
+        Ok(mut batch) => {
+            if batch.len() + line.len() > BATCH_BYTES {
+                write_out(&batch);
+                batch.clear();
+            }
+            if batch.capacity() == 0 {
+                batch.reserve_exact(BATCH_BYTES);
+            }
+            batch.extend_from_slice(line);
+        }
+        // Logging while flushing (cannot happen: nothing logs in `write_out`).
+        Err(_) => write_out(line),
+    });
 }
 
 impl<'a> MakeWriter<'a> for LineWriter {
@@ -152,10 +164,13 @@ pub fn init(format: Format) {
     match format {
         // tracing's own event format colours the level for a person at a terminal.
         Format::Text if ansi => builder.fmt_fields(TextFields).init(),
-        Format::Text => builder
-            .fmt_fields(TextFields)
-            .event_format(TextEvent)
-            .init(),
+        Format::Text => {
+            builder
+                .fmt_fields(TextFields)
+                .event_format(TextEvent)
+                .init();
+            PLAIN_TEXT.store(true, Ordering::Relaxed);
+        }
         Format::Json => builder.json().flatten_event(true).init(),
     }
 }
@@ -206,7 +221,119 @@ where
     }
 }
 
+/// One proxied request, as its log line tells it.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLine<'a> {
+    pub project: &'a str,
+    pub credential: &'a str,
+    pub model: &'a str,
+    pub status: u16,
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub output_tokens: u64,
+    pub reasoning_tokens: u64,
+    pub cost_usd: &'a str,
+    pub duration_ms: u64,
+    pub upstream_first_byte_ms: u64,
+}
+
+/// The target of the request line: the proxy's, where it is logged from.
+const REQUEST_TARGET: &str = "tollgate::proxy";
+
+/// Logs the line of one proxied request (`INFO`, target `tollgate::proxy`, message `request`):
+/// the same line `tracing::info!` with these fields writes, and filtered the same way. When
+/// lines are plain text it is formatted here, straight into this thread's batch: it is the one
+/// line every request writes, and tracing's dispatch and field visitors cost several times the
+/// formatting itself.
+pub fn request(line: &RequestLine<'_>) {
+    if !tracing::enabled!(target: REQUEST_TARGET, Level::INFO) {
+        return;
+    }
+    if !PLAIN_TEXT.load(Ordering::Relaxed) {
+        request_event(line);
+        return;
+    }
+    LINE.with(|text| {
+        let Ok(mut text) = text.try_borrow_mut() else {
+            return request_event(line);
+        };
+        text.clear();
+        if write_request_text(&mut text, line).is_ok() {
+            emit(text.as_bytes());
+        }
+    });
+}
+
+/// The request line through tracing, for the JSON format, a terminal and tests.
+fn request_event(line: &RequestLine<'_>) {
+    tracing::info!(
+        target: REQUEST_TARGET,
+        project = line.project,
+        credential = line.credential,
+        model = line.model,
+        status = line.status,
+        input_tokens = line.input_tokens,
+        cached_input_tokens = line.cached_input_tokens,
+        output_tokens = line.output_tokens,
+        reasoning_tokens = line.reasoning_tokens,
+        cost_usd = line.cost_usd,
+        duration_ms = line.duration_ms,
+        upstream_first_byte_ms = line.upstream_first_byte_ms,
+        "request"
+    );
+}
+
+/// The request line as [`TextEvent`] and [`TextFields`] write it.
+fn write_request_text(out: &mut String, line: &RequestLine<'_>) -> fmt::Result {
+    CLOCK.with(|clock| clock.borrow_mut().write_now(out))?;
+    out.push_str("  INFO ");
+    out.push_str(REQUEST_TARGET);
+    out.push_str(": request");
+    let mut digits = itoa::Buffer::new();
+    for (name, value) in [
+        (" project=", line.project),
+        (" credential=", line.credential),
+        (" model=", line.model),
+    ] {
+        out.push_str(name);
+        write_str_value(out, value)?;
+    }
+    out.push_str(" status=");
+    out.push_str(digits.format(line.status));
+    for (name, value) in [
+        (" input_tokens=", line.input_tokens),
+        (" cached_input_tokens=", line.cached_input_tokens),
+        (" output_tokens=", line.output_tokens),
+        (" reasoning_tokens=", line.reasoning_tokens),
+    ] {
+        out.push_str(name);
+        out.push_str(digits.format(value));
+    }
+    out.push_str(" cost_usd=");
+    write_str_value(out, line.cost_usd)?;
+    for (name, value) in [
+        (" duration_ms=", line.duration_ms),
+        (" upstream_first_byte_ms=", line.upstream_first_byte_ms),
+    ] {
+        out.push_str(name);
+        out.push_str(digits.format(value));
+    }
+    out.push('\n');
+    Ok(())
+}
+
+/// A string field's value, as [`TextFields`] writes it: as it is when plain, else quoted.
+fn write_str_value(out: &mut impl fmt::Write, value: &str) -> fmt::Result {
+    if is_plain(value) {
+        out.write_str(value)
+    } else {
+        write!(out, "{value:?}")
+    }
+}
+
 thread_local! {
+    /// The request line being formatted, reused.
+    static LINE: RefCell<String> = const { RefCell::new(String::new()) };
     static CLOCK: RefCell<Clock> = const { RefCell::new(Clock { second: u64::MAX, prefix: String::new() }) };
 }
 
@@ -218,7 +345,7 @@ struct Clock {
 
 impl Clock {
     /// Writes the current UTC time with microseconds, as RFC 3339 (`...T00:31:52.028991Z`).
-    fn write_now(&mut self, writer: &mut Writer<'_>) -> fmt::Result {
+    fn write_now(&mut self, writer: &mut impl fmt::Write) -> fmt::Result {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -315,11 +442,7 @@ impl Visit for TextVisitor<'_> {
         if field.name() == "message" {
             self.record_debug(field, &format_args!("{value}"));
         } else if self.key(field) {
-            self.result = if is_plain(value) {
-                self.writer.write_str(value)
-            } else {
-                write!(self.writer, "{value:?}")
-            };
+            self.result = write_str_value(&mut self.writer, value);
         }
     }
 
@@ -489,5 +612,67 @@ mod tests {
         assert!(!is_plain("a=b"));
         assert!(!is_plain("\"x\""));
         assert!(!is_plain("é"));
+    }
+
+    fn request_line(model: &str) -> RequestLine<'_> {
+        RequestLine {
+            project: "search",
+            credential: "search-api",
+            model,
+            status: 200,
+            input_tokens: 42,
+            cached_input_tokens: 0,
+            output_tokens: 37,
+            reasoning_tokens: 0,
+            cost_usd: "0.000029",
+            duration_ms: 3,
+            upstream_first_byte_ms: 1,
+        }
+    }
+
+    #[test]
+    fn the_request_line_written_directly_is_the_line_tracing_writes() {
+        for model in [
+            "gpt-4o-mini-2024-07-18",
+            "",
+            "gpt-4o status=500\nfake",
+            "modèle",
+        ] {
+            let line = request_line(model);
+            let theirs = lines(true, || request_event(&line));
+            let mut ours = String::new();
+            write_request_text(&mut ours, &line).unwrap();
+            assert_eq!(&ours[27..], &theirs[27..], "{model:?}");
+            assert!(
+                chrono::DateTime::parse_from_rfc3339(&ours[..27]).is_ok(),
+                "{ours}"
+            );
+        }
+        let mut ours = String::new();
+        write_request_text(&mut ours, &request_line("gpt-4o-mini")).unwrap();
+        assert!(ours.ends_with(
+            "Z  INFO tollgate::proxy: request project=search credential=search-api model=gpt-4o-mini status=200 input_tokens=42 cached_input_tokens=0 output_tokens=37 reasoning_tokens=0 cost_usd=0.000029 duration_ms=3 upstream_first_byte_ms=1\n"
+        ), "{ours}");
+    }
+
+    #[test]
+    fn the_request_line_follows_the_filter() {
+        let logged = |filter: &str| {
+            let buffer = Arc::new(Mutex::new(Vec::new()));
+            let sink = buffer.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .fmt_fields(TextFields)
+                .with_env_filter(EnvFilter::new(filter))
+                .with_writer(move || SharedBuffer(sink.clone()))
+                .finish();
+            tracing::subscriber::with_default(subscriber, || request(&request_line("gpt-4o")));
+            let bytes = buffer.lock().unwrap().clone();
+            String::from_utf8(bytes).unwrap()
+        };
+        assert!(logged("info").contains("tollgate::proxy: request project=search"));
+        assert!(logged("tollgate::proxy=debug").contains(" model=gpt-4o status=200 "));
+        assert_eq!(logged("warn"), "");
+        assert_eq!(logged("info,tollgate::proxy=warn"), "");
     }
 }

@@ -36,6 +36,7 @@ use crate::budget::{Charge, Exhausted, Reservation};
 use crate::config::{BudgetLimit, Project};
 use crate::error::{budget_message, ProxyError};
 use crate::inspect::{self, Inspected};
+use crate::logging;
 use crate::pricing::format_usd as usd;
 use crate::projects::ProjectState;
 use crate::ratelimit::Limited as RateLimited;
@@ -911,20 +912,19 @@ impl Settlement {
         self.state.count_request(&label, status);
         let elapsed = self.started.elapsed();
         self.state.duration.observe(elapsed.as_secs_f64());
-        tracing::info!(
-            project = &*project.name,
-            credential = &*self.credential,
-            model = model.unwrap_or(""),
+        logging::request(&logging::RequestLine {
+            project: &project.name,
+            credential: &self.credential,
+            model: model.unwrap_or(""),
             status,
-            input_tokens = usage.input_tokens,
-            cached_input_tokens = usage.cached_input_tokens,
-            output_tokens = usage.output_tokens,
-            reasoning_tokens = usage.reasoning_tokens,
-            cost_usd = usd(micro_usd).as_str(),
-            duration_ms = elapsed.as_millis() as u64,
-            upstream_first_byte_ms = self.first_byte_ms,
-            "request"
-        );
+            input_tokens: usage.input_tokens,
+            cached_input_tokens: usage.cached_input_tokens,
+            output_tokens: usage.output_tokens,
+            reasoning_tokens: usage.reasoning_tokens,
+            cost_usd: usd(micro_usd).as_str(),
+            duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            upstream_first_byte_ms: self.first_byte_ms,
+        });
     }
 }
 
