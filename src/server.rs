@@ -142,7 +142,9 @@ pub async fn serve<H, F>(
             let activity = activity_in.clone();
             let handler = handler.clone();
             async move {
-                let response = AssertUnwindSafe(async move { handler(request).await })
+                // Boxed: the handler's future is large, and hyper moves the service's future
+                // a few times before it polls it; a box moves as a pointer.
+                let response = AssertUnwindSafe(Box::pin(handler(request)))
                     .catch_unwind()
                     .await
                     .unwrap_or_else(|_| {

@@ -92,19 +92,20 @@ pub(crate) fn structural(bytes: &[u8]) -> Option<usize> {
     )
 }
 
-/// `bytes` are printable ASCII without `"` or `\`: a string's content that means what it says.
-pub(crate) fn is_plain_text(bytes: &[u8]) -> bool {
-    // Below 0x20: subtracting 0x20 borrows into the high bit (the lowest one exact; any one
-    // set means at least one such byte). At or above 0x80: the high bit itself.
+/// The first byte of `bytes` that is not plain text: `"`, `\`, a control byte (below 0x20) or
+/// a byte outside ASCII. A string whose content runs to its closing quote without one means
+/// what it says, byte for byte.
+pub(crate) fn not_plain(bytes: &[u8]) -> Option<usize> {
     first(
         bytes,
         |word| {
+            // Below 0x20: subtracting 0x20 borrows into the high bit (exact for the lowest such
+            // byte, as for `equal`). At or above 0x80: the high bit itself.
             let low = word.wrapping_sub(ONES * 0x20) & !word & HIGHS;
             low | (word & HIGHS) | equal(word, b'"') | equal(word, b'\\')
         },
         |b| !(0x20..0x80).contains(&b) || b == b'"' || b == b'\\',
     )
-    .is_none()
 }
 
 #[cfg(test)]
@@ -133,8 +134,10 @@ mod tests {
             prop_assert_eq!(quote_or_backslash(&bytes), naive(&bytes, b"\"\\"));
             prop_assert_eq!(string_or_bracket(&bytes), naive(&bytes, b"\"{[}]"));
             prop_assert_eq!(structural(&bytes), naive(&bytes, b"\"{[}]:,"));
-            let plain = bytes.iter().all(|&b| (0x20..0x80).contains(&b) && b != b'"' && b != b'\\');
-            prop_assert_eq!(is_plain_text(&bytes), plain);
+            let special = bytes
+                .iter()
+                .position(|&b| !(0x20..0x80).contains(&b) || b == b'"' || b == b'\\');
+            prop_assert_eq!(not_plain(&bytes), special);
         }
     }
 
@@ -150,11 +153,11 @@ mod tests {
                 bytes[at] = b',';
                 assert_eq!(structural(&bytes), Some(at));
                 bytes[at] = b'\n';
-                assert!(!is_plain_text(&bytes));
+                assert_eq!(not_plain(&bytes), Some(at));
             }
             let bytes = vec![b'a'; len];
             assert_eq!(quote_or_backslash(&bytes), None);
-            assert!(is_plain_text(&bytes));
+            assert_eq!(not_plain(&bytes), None);
         }
     }
 }

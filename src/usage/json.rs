@@ -613,9 +613,10 @@ fn is_delimiter(b: u8) -> bool {
 /// A JSON string, quotes included, as serde reads it: a plain one (no escape, no control
 /// character) is taken as it is, anything else is left to serde.
 fn read_string(quoted: &[u8]) -> Option<String> {
-    let content = quoted.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
-    if find::is_plain_text(content) {
-        return std::str::from_utf8(content).ok().map(str::to_owned);
+    let content = quoted.strip_prefix(b"\"")?;
+    if find::not_plain(content) == Some(content.len().wrapping_sub(1)) {
+        let plain = content.get(..content.len() - 1)?;
+        return std::str::from_utf8(plain).ok().map(str::to_owned);
     }
     serde_json::from_slice(quoted).ok()
 }
@@ -805,12 +806,13 @@ impl<'a> PlainReader<'a> {
         loop {
             (self.next()? == b'"').then_some(())?;
             let rest = self.rest();
-            let len = find::quote_or_backslash(rest)?;
-            let key = rest.get(..len)?;
-            // Printable ASCII without escapes only: anything else is for serde to judge.
-            if rest.get(len) != Some(&b'"') || !find::is_plain_text(key) {
+            // Printable ASCII without escapes up to the closing quote: anything else is for
+            // serde to judge.
+            let len = find::not_plain(rest)?;
+            if rest.get(len) != Some(&b'"') {
                 return None;
             }
+            let key = rest.get(..len)?;
             self.at += len + 1;
             (self.next()? == b':').then_some(())?;
             member(self, key)?;
@@ -847,13 +849,14 @@ impl<'a> PlainReader<'a> {
     /// A member serde ignores: a plain integer, `null`, `true` or `false`.
     fn plain_value(&mut self) -> Option<()> {
         self.skip_whitespace();
-        for word in [&b"true"[..], b"false"] {
-            if self.rest().starts_with(word) {
-                self.at += word.len();
-                return Some(());
-            }
-        }
-        self.count().map(|_| ())
+        let word: &[u8] = match self.rest().first()? {
+            b't' => b"true",
+            b'f' => b"false",
+            _ => return self.count().map(|_| ()),
+        };
+        self.rest().starts_with(word).then_some(())?;
+        self.at += word.len();
+        Some(())
     }
 
     /// A `*_details` value: `null` or an object whose `field` is a count; returns that count's
