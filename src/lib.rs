@@ -207,7 +207,8 @@ fn spawn_proxy_threads(
     let mut finished = Vec::with_capacity(server.workers);
     for index in 0..server.workers {
         let listener = listener.try_clone().map_err(bind_error)?;
-        let client = upstream::Upstream::new(&upstream_config)?;
+        // Shared by the thread's requests: a clone per request is one reference count.
+        let client = Arc::new(upstream::Upstream::new(&upstream_config)?);
         let (state, tls, config) = (state.clone(), tls.clone(), server.clone());
         let (permits, shutdown) = (permits.clone(), shutdown.clone());
         let (done, finishing) = oneshot::channel();

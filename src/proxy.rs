@@ -72,7 +72,7 @@ impl From<ProxyError> for Rejection {
 /// loop). Never fails: every error becomes an OpenAI-shaped answer.
 pub async fn handle(
     state: Arc<AppState>,
-    upstream: Upstream,
+    upstream: Arc<Upstream>,
     request: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
