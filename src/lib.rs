@@ -25,10 +25,11 @@ pub mod store;
 pub mod upstream;
 pub mod usage;
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{oneshot, watch, Semaphore};
 
 use crate::state::AppState;
@@ -43,8 +44,9 @@ pub struct Listeners {
 impl Listeners {
     /// Binds the addresses of `config`.
     pub async fn bind(config: &config::Config) -> Result<Self, StartError> {
-        let proxy = TcpListener::bind(config.server.listen)
-            .await
+        let addr = config.server.listen;
+        let proxy = refuse_taken_port(addr)
+            .and_then(|()| bind_shareable(addr))
             .map_err(|source| StartError::Bind {
                 addr: config.server.listen.to_string(),
                 source,
@@ -57,6 +59,55 @@ impl Listeners {
             })?;
         Ok(Listeners { proxy, admin })
     }
+}
+
+/// A listening socket whose port further sockets may share (`SO_REUSEPORT` on Linux), so that
+/// each proxy thread can accept on a socket of its own ([`thread_listener`]). Must be called
+/// within a Tokio runtime.
+fn bind_shareable(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = tcp_socket(addr)?;
+    #[cfg(target_os = "linux")]
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Fails if anything listens on `addr`'s port: a socket that does not share the port is
+/// refused one that a sharing socket holds, so a second tollgate on the same address fails to
+/// start rather than silently splitting the connections with the first.
+fn refuse_taken_port(addr: SocketAddr) -> std::io::Result<()> {
+    if addr.port() != 0 {
+        let probe = tcp_socket(addr)?;
+        probe.bind(addr)?;
+    }
+    Ok(())
+}
+
+/// A TCP socket for `addr`'s family with `SO_REUSEADDR`, as `TcpListener::bind` makes: a
+/// restart can listen again while the old process's connections linger.
+fn tcp_socket(addr: SocketAddr) -> std::io::Result<TcpSocket> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    Ok(socket)
+}
+
+/// The socket proxy thread `index` accepts on. On Linux every thread but the first gets a
+/// socket of its own on the first one's port, and the kernel spreads new connections across
+/// them by their addresses: with one shared socket, whichever thread is idle first accepts,
+/// and under a burst of connections that is one thread taking nearly all of them while the
+/// others idle. Elsewhere (where `SO_REUSEPORT` does not balance) all threads share the first.
+fn thread_listener(
+    first: &std::net::TcpListener,
+    index: usize,
+) -> std::io::Result<std::net::TcpListener> {
+    if index == 0 || !cfg!(target_os = "linux") {
+        return first.try_clone();
+    }
+    bind_shareable(first.local_addr()?)?.into_std()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -188,8 +239,8 @@ pub async fn run(
 /// the thread that accepted its connection, without the cross-thread wake-ups and task
 /// migrations of a work-stealing runtime (hyper wakes the connection's own task while it
 /// hands a request body to the handler; a work-stealing runtime answers that by waking an idle
-/// thread, twice per request). The kernel gives each new connection to whichever thread
-/// accepts it first. Each receiver resolves when its thread has drained its connections.
+/// thread, twice per request). Each thread accepts on its own socket ([`thread_listener`]).
+/// Each receiver resolves when its thread has drained its connections.
 fn spawn_proxy_threads(
     state: &Arc<AppState>,
     listener: TcpListener,
@@ -206,7 +257,7 @@ fn spawn_proxy_threads(
     let upstream_config = state.live.load().config.upstream.clone();
     let mut finished = Vec::with_capacity(server.workers);
     for index in 0..server.workers {
-        let listener = listener.try_clone().map_err(bind_error)?;
+        let listener = thread_listener(&listener, index).map_err(bind_error)?;
         // Shared by the thread's requests: a clone per request is one reference count.
         let client = Arc::new(upstream::Upstream::new(&upstream_config)?);
         let (state, tls, config) = (state.clone(), tls.clone(), server.clone());
@@ -249,4 +300,54 @@ fn spawn_proxy_threads(
         finished.push(finishing);
     }
     Ok(finished)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn proxy_threads_accept_on_sockets_of_their_own_and_the_kernel_spreads_connections() {
+        let first = bind_shareable("127.0.0.1:0".parse().unwrap())
+            .unwrap()
+            .into_std()
+            .unwrap();
+        let second = thread_listener(&first, 1).unwrap();
+        let addr = first.local_addr().unwrap();
+        assert_eq!(second.local_addr().unwrap(), addr);
+        let (first, second) = (
+            TcpListener::from_std(first).unwrap(),
+            TcpListener::from_std(second).unwrap(),
+        );
+        let mut clients = Vec::new();
+        for _ in 0..32 {
+            clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // Every connection waits in exactly one socket's queue; by their source ports both get
+        // some (all 32 in one queue: a chance of 2^-31).
+        let drain = |listener: TcpListener| async move {
+            let mut accepted = 0;
+            while tokio::time::timeout(std::time::Duration::from_millis(200), listener.accept())
+                .await
+                .is_ok_and(|accepted| accepted.is_ok())
+            {
+                accepted += 1;
+            }
+            accepted
+        };
+        let (on_first, on_second) = tokio::join!(drain(first), drain(second));
+        assert_eq!(on_first + on_second, 32);
+        assert!(on_first > 0 && on_second > 0, "{on_first} / {on_second}");
+    }
+
+    #[tokio::test]
+    async fn a_port_another_process_listens_on_is_refused_even_to_a_sharing_socket() {
+        let taken = bind_shareable("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = taken.local_addr().unwrap();
+        let err = refuse_taken_port(addr).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+        drop(taken);
+        assert!(refuse_taken_port(addr).is_ok());
+    }
 }
