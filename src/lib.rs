@@ -62,9 +62,9 @@ impl Listeners {
 }
 
 /// A listening socket whose port further sockets may share (`SO_REUSEPORT` on Linux), so that
-/// each proxy thread can accept on a socket of its own ([`thread_listener`]). Must be called
-/// within a Tokio runtime.
-fn bind_shareable(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// each proxy thread can accept on a socket of its own: what [`Listeners::bind`] makes for the
+/// proxy listener. Must be called within a Tokio runtime.
+pub fn bind_shareable(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = tcp_socket(addr)?;
     #[cfg(target_os = "linux")]
     socket.set_reuseport(true)?;
@@ -99,7 +99,8 @@ fn tcp_socket(addr: SocketAddr) -> std::io::Result<TcpSocket> {
 /// socket of its own on the first one's port, and the kernel spreads new connections across
 /// them by their addresses: with one shared socket, whichever thread is idle first accepts,
 /// and under a burst of connections that is one thread taking nearly all of them while the
-/// others idle. Elsewhere (where `SO_REUSEPORT` does not balance) all threads share the first.
+/// others idle. Elsewhere (where `SO_REUSEPORT` does not balance), and when the first socket
+/// does not share its port (one not made by [`bind_shareable`]), all threads share the first.
 fn thread_listener(
     first: &std::net::TcpListener,
     index: usize,
@@ -107,7 +108,13 @@ fn thread_listener(
     if index == 0 || !cfg!(target_os = "linux") {
         return first.try_clone();
     }
-    bind_shareable(first.local_addr()?)?.into_std()
+    match bind_shareable(first.local_addr()?).and_then(TcpListener::into_std) {
+        Ok(own) => Ok(own),
+        Err(err) => {
+            tracing::debug!(error = %err, "proxy threads share one listening socket");
+            first.try_clone()
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -342,7 +349,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_port_another_process_listens_on_is_refused_even_to_a_sharing_socket() {
+    async fn a_listener_that_does_not_share_its_port_is_shared_by_the_threads() {
+        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let second = thread_listener(&first, 1).unwrap();
+        assert_eq!(second.local_addr().unwrap(), first.local_addr().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_port_another_socket_listens_on_is_refused_though_that_socket_shares_it() {
         let taken = bind_shareable("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = taken.local_addr().unwrap();
         let err = refuse_taken_port(addr).unwrap_err();

@@ -142,9 +142,10 @@ pub async fn serve<H, F>(
             let activity = activity_in.clone();
             let handler = handler.clone();
             async move {
-                // Boxed: the handler's future is large, and hyper moves the service's future
-                // a few times before it polls it; a box moves as a pointer.
-                let response = AssertUnwindSafe(Box::pin(handler(request)))
+                // The handler's future boxed: it is large, and hyper moves the service's future
+                // a few times before it polls it; a box moves as a pointer. Called inside the
+                // guarded block, so that a panic in the call itself is caught too.
+                let response = AssertUnwindSafe(async move { Box::pin(handler(request)).await })
                     .catch_unwind()
                     .await
                     .unwrap_or_else(|_| {

@@ -143,7 +143,8 @@ impl TestProxy {
             tollgate::config::load(&path).unwrap_or_else(|e| panic!("test config must load: {e}"));
         let state = AppState::new(config).expect("state");
         let listeners = Listeners {
-            proxy: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+            // As `Listeners::bind` makes it: each proxy thread gets a socket of its own.
+            proxy: tollgate::bind_shareable("127.0.0.1:0".parse().expect("addr")).expect("bind"),
             admin: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
         };
         let addr = listeners.proxy.local_addr().expect("addr");
