@@ -712,51 +712,38 @@ fn read_plain_usage(bytes: &[u8]) -> Option<RawUsage> {
     // Members seen, one bit each: serde refuses a duplicate.
     let mut seen = 0u16;
     reader.object(|reader, key| {
-        match key {
-            b"prompt_tokens" => {
-                once(&mut seen, 0)?;
-                raw.prompt_tokens = reader.count()?;
-            }
-            b"completion_tokens" => {
-                once(&mut seen, 1)?;
-                raw.completion_tokens = reader.count()?;
-            }
-            b"input_tokens" => {
-                once(&mut seen, 2)?;
-                raw.input_tokens = reader.count()?;
-            }
-            b"output_tokens" => {
-                once(&mut seen, 3)?;
-                raw.output_tokens = reader.count()?;
-            }
-            b"prompt_tokens_details" => {
-                once(&mut seen, 4)?;
-                raw.prompt_tokens_details = reader.input_details()?;
-            }
-            b"input_tokens_details" => {
-                once(&mut seen, 5)?;
-                raw.input_tokens_details = reader.input_details()?;
-            }
-            b"input_token_details" => {
-                once(&mut seen, 6)?;
-                raw.input_token_details = reader.input_details()?;
-            }
-            b"completion_tokens_details" => {
-                once(&mut seen, 7)?;
-                raw.completion_tokens_details = reader.output_details()?;
-            }
-            b"output_tokens_details" => {
-                once(&mut seen, 8)?;
-                raw.output_tokens_details = reader.output_details()?;
-            }
+        // Each member's bit in `seen`, and where its value goes.
+        let (bit, member) = match key {
+            b"prompt_tokens" => (0, Member::Count(&mut raw.prompt_tokens)),
+            b"completion_tokens" => (1, Member::Count(&mut raw.completion_tokens)),
+            b"input_tokens" => (2, Member::Count(&mut raw.input_tokens)),
+            b"output_tokens" => (3, Member::Count(&mut raw.output_tokens)),
+            b"prompt_tokens_details" => (4, Member::Input(&mut raw.prompt_tokens_details)),
+            b"input_tokens_details" => (5, Member::Input(&mut raw.input_tokens_details)),
+            b"input_token_details" => (6, Member::Input(&mut raw.input_token_details)),
+            b"completion_tokens_details" => (7, Member::Output(&mut raw.completion_tokens_details)),
+            b"output_tokens_details" => (8, Member::Output(&mut raw.output_tokens_details)),
             // Any JSON value: serde's to read.
             b"type" => return None,
-            _ => reader.plain_value()?,
+            _ => return reader.plain_value(),
+        };
+        once(&mut seen, bit)?;
+        match member {
+            Member::Count(slot) => *slot = reader.count()?,
+            Member::Input(slot) => *slot = reader.input_details()?,
+            Member::Output(slot) => *slot = reader.output_details()?,
         }
         Some(())
     })?;
     reader.skip_whitespace();
     (reader.at == bytes.len()).then_some(raw)
+}
+
+/// Where a member of a usage object goes.
+enum Member<'a> {
+    Count(&'a mut Option<u64>),
+    Input(&'a mut Option<InputDetails>),
+    Output(&'a mut Option<OutputDetails>),
 }
 
 /// Marks member `bit` seen; `None` if it was already.
