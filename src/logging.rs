@@ -194,13 +194,7 @@ where
     ) -> fmt::Result {
         let meta = event.metadata();
         CLOCK.with(|clock| clock.borrow_mut().write_now(&mut writer))?;
-        writer.write_str(match *meta.level() {
-            Level::ERROR => " ERROR ",
-            Level::WARN => "  WARN ",
-            Level::INFO => "  INFO ",
-            Level::DEBUG => " DEBUG ",
-            Level::TRACE => " TRACE ",
-        })?;
+        writer.write_str(level_label(*meta.level()))?;
         if let Some(scope) = ctx.event_scope() {
             for span in scope.from_root() {
                 writer.write_str(span.name())?;
@@ -286,7 +280,7 @@ fn request_event(line: &RequestLine<'_>) {
 /// The request line as [`TextEvent`] and [`TextFields`] write it.
 fn write_request_text(out: &mut String, line: &RequestLine<'_>) -> fmt::Result {
     CLOCK.with(|clock| clock.borrow_mut().write_now(out))?;
-    out.push_str("  INFO ");
+    out.push_str(level_label(Level::INFO));
     out.push_str(REQUEST_TARGET);
     out.push_str(": request");
     let mut digits = itoa::Buffer::new();
@@ -328,6 +322,17 @@ fn write_str_value(out: &mut impl fmt::Write, value: &str) -> fmt::Result {
         out.write_str(value)
     } else {
         write!(out, "{value:?}")
+    }
+}
+
+/// A level as tracing's default text format writes it, padded to the same width.
+fn level_label(level: Level) -> &'static str {
+    match level {
+        Level::ERROR => " ERROR ",
+        Level::WARN => "  WARN ",
+        Level::INFO => "  INFO ",
+        Level::DEBUG => " DEBUG ",
+        Level::TRACE => " TRACE ",
     }
 }
 

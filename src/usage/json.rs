@@ -1189,25 +1189,30 @@ mod tests {
         }
     }
 
+    /// The members of a usage object as OpenAI sends them.
+    const OPENAI_KEYS: [&str; 9] = [
+        "prompt_tokens",
+        "completion_tokens",
+        "input_tokens",
+        "output_tokens",
+        "total_tokens",
+        "prompt_tokens_details",
+        "input_tokens_details",
+        "completion_tokens_details",
+        "output_tokens_details",
+    ];
+
     /// A usage-like object, written member by member (so keys can repeat).
     fn usage_like() -> impl Strategy<Value = String> {
-        let key = proptest::sample::select(vec![
-            "prompt_tokens",
-            "completion_tokens",
-            "input_tokens",
-            "output_tokens",
-            "total_tokens",
-            "prompt_tokens_details",
-            "input_tokens_details",
+        let others = [
             "input_token_details",
-            "completion_tokens_details",
-            "output_tokens_details",
             "cached_tokens",
             "reasoning_tokens",
             "type",
             "input\\u005ftokens",
             "é",
-        ]);
+        ];
+        let key = proptest::sample::select([&OPENAI_KEYS[..], &others[..]].concat());
         let valid = proptest::sample::select(vec!["0", "7", "1234", "18446744073709551615"]);
         let invalid = proptest::sample::select(vec![
             "01",
@@ -1239,20 +1244,7 @@ mod tests {
 
     /// A usage object of OpenAI's shape: each key once, counts, details objects.
     fn openai_like() -> impl Strategy<Value = String> {
-        let keys = proptest::sample::subsequence(
-            vec![
-                "prompt_tokens",
-                "completion_tokens",
-                "input_tokens",
-                "output_tokens",
-                "total_tokens",
-                "prompt_tokens_details",
-                "input_tokens_details",
-                "completion_tokens_details",
-                "output_tokens_details",
-            ],
-            0..=9,
-        );
+        let keys = proptest::sample::subsequence(OPENAI_KEYS.to_vec(), 0..=OPENAI_KEYS.len());
         let counts = proptest::collection::vec(any::<u64>(), 9);
         let space = proptest::sample::select(vec!["", " ", "\n  "]);
         (keys, counts, space).prop_map(|(keys, counts, space)| {
