@@ -189,6 +189,9 @@ struct PhaseSpec {
     connections: usize,
     seconds: f64,
     stream: bool,
+    /// Each connection keeps the one credential it drew first, as an application's connection
+    /// pool does, instead of a random one of the 10,000 per request.
+    pinned: bool,
 }
 
 const WARMUP: [PhaseSpec; 2] = [
@@ -197,33 +200,45 @@ const WARMUP: [PhaseSpec; 2] = [
         connections: 32,
         seconds: 1.0,
         stream: false,
+        pinned: false,
     },
     PhaseSpec {
         name: "warm-up stream",
         connections: 8,
         seconds: 0.5,
         stream: true,
+        pinned: false,
     },
 ];
 
-const PHASES: [PhaseSpec; 3] = [
+const PHASES: [PhaseSpec; 4] = [
     PhaseSpec {
         name: "32 conns",
         connections: 32,
         seconds: 5.0,
         stream: false,
+        pinned: false,
+    },
+    PhaseSpec {
+        name: "32 conns pinned",
+        connections: 32,
+        seconds: 5.0,
+        stream: false,
+        pinned: true,
     },
     PhaseSpec {
         name: "1 conn",
         connections: 1,
         seconds: 2.0,
         stream: false,
+        pinned: false,
     },
     PhaseSpec {
         name: "stream 8 conns",
         connections: 8,
         seconds: 3.0,
         stream: true,
+        pinned: false,
     },
 ];
 
@@ -1221,12 +1236,23 @@ struct Workload {
     host: HeaderValue,
     auths: Arc<[HeaderValue]>,
     bodies: Arc<[Bytes]>,
+    /// See [`PhaseSpec::pinned`].
+    pinned: bool,
 }
 
 impl Workload {
-    fn request(&self, rng: &mut Rng) -> Result<Request<Full<Bytes>>, http::Error> {
-        // A random credential of a random project, then a random body.
-        let auth = &self.auths[rng.below(self.auths.len())];
+    /// The credential a connection keeps, when the phase pins one.
+    fn pin(&self, rng: &mut Rng) -> Option<usize> {
+        self.pinned.then(|| rng.below(self.auths.len()))
+    }
+
+    fn request(
+        &self,
+        rng: &mut Rng,
+        pinned: Option<usize>,
+    ) -> Result<Request<Full<Bytes>>, http::Error> {
+        // A random credential of a random project (or the connection's own), then a random body.
+        let auth = &self.auths[pinned.unwrap_or_else(|| rng.below(self.auths.len()))];
         let body = &self.bodies[rng.below(self.bodies.len())];
         Request::post(PATH)
             .header(HOST, self.host.clone())
@@ -1352,6 +1378,7 @@ async fn drive(
 ) -> ConnStats {
     let mut stats = ConnStats::default();
     let mut sender: Option<SendRequest<Full<Bytes>>> = None;
+    let pinned = workload.pin(&mut rng);
     while stop.next() {
         if sender.is_none() {
             match connect(addr).await {
@@ -1371,7 +1398,7 @@ async fn drive(
             stats.errors += 1;
             continue;
         }
-        let Ok(request) = workload.request(&mut rng) else {
+        let Ok(request) = workload.request(&mut rng, pinned) else {
             stats.errors += 1;
             continue;
         };
@@ -1500,6 +1527,7 @@ impl Bench {
             } else {
                 self.json_bodies.clone()
             },
+            pinned: spec.pinned,
         });
         let proxy_before = target.pid.map(tree_ticks);
         let mock_before = tree_ticks(self.mock_pid);
@@ -1585,6 +1613,7 @@ impl Bench {
                 .unwrap_or_else(|_| HeaderValue::from_static("127.0.0.1")),
             auths: target.auths.clone(),
             bodies: self.json_bodies.clone(),
+            pinned: false,
         });
         let step = requests / 10;
         out(&format!(
@@ -1991,6 +2020,7 @@ fn run_bench() -> Result<(), Error> {
                 "connections": p.connections,
                 "seconds": p.seconds * settings.scale,
                 "stream": p.stream,
+                "credential_per_connection": p.pinned,
             })).collect::<Vec<_>>(),
             "projects": PROJECTS,
             "credentials": PROJECTS * CREDENTIALS_PER_PROJECT,
