@@ -12,8 +12,8 @@ mod redis;
 mod sqlite;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 
 use chrono::{DateTime, Days, NaiveDate, Utc};
 use thiserror::Error;
@@ -163,7 +163,8 @@ pub fn period_days(kind: Period, now: DateTime<Utc>) -> (NaiveDate, Option<Naive
     (from, end.and_then(day))
 }
 
-/// One key's pending usage: independent counters, each taken whole by `swap(0)`.
+/// One key's pending usage: independent counters, each taken whole by `swap(0)`, and whether
+/// its key is in the queue of keys to take.
 #[derive(Debug, Default)]
 struct DeltaCell {
     requests: AtomicU64,
@@ -172,6 +173,8 @@ struct DeltaCell {
     output_tokens: AtomicU64,
     reasoning_tokens: AtomicU64,
     micro_usd: AtomicU64,
+    /// Set by the first add after a take, which queues the key; cleared by the take.
+    queued: AtomicBool,
 }
 
 impl DeltaCell {
@@ -186,7 +189,8 @@ impl DeltaCell {
         ]
     }
 
-    fn add(&self, delta: &UsageDelta) {
+    /// Adds `delta`; true when the cell was not queued, so the caller must queue its key.
+    fn add(&self, delta: &UsageDelta) -> bool {
         let values = [
             delta.requests,
             delta.input_tokens,
@@ -195,20 +199,32 @@ impl DeltaCell {
             delta.reasoning_tokens,
             delta.micro_usd,
         ];
+        if values == [0; 6] {
+            return false;
+        }
         for (counter, value) in self.counters().into_iter().zip(values) {
             // Relaxed: each counter is its own sum and is taken by an atomic swap, which sees
             // every add before it in the counter's modification order; no other memory is
-            // published through these counters.
+            // published through these counters (`queued` orders them for `take`).
             if value != 0 {
                 counter.fetch_add(value, Ordering::Relaxed);
             }
         }
+        // AcqRel, with the AcqRel swap in `take`: if this swap reads `true` it comes before
+        // the take's swap, so the adds above happen before the take's swaps, which see them;
+        // if it reads `false` (never queued, or a take cleared it first), the key is queued
+        // again and a later take gets whatever this take missed.
+        !self.queued.swap(true, Ordering::AcqRel)
     }
 
-    /// Takes everything added so far. Each add lands either before a counter's swap (taken
-    /// now) or after it (left for the next take), never both and never neither. The counters
-    /// of one add may be split between two takes; their sums are still exact.
+    /// Takes everything added so far and marks the cell unqueued. Each add lands either before
+    /// a counter's swap (taken now) or after it (left for the next take, and queued again),
+    /// never both and never neither. The counters of one add may be split between two takes;
+    /// their sums are still exact.
     fn take(&self) -> UsageDelta {
+        // Cleared before the counters are taken: an add that the swaps below miss finds the
+        // flag clear and queues the key again. AcqRel: see `add`.
+        self.queued.swap(false, Ordering::AcqRel);
         // Relaxed: see `add`.
         let [requests, input_tokens, cached_input_tokens, output_tokens, reasoning_tokens, micro_usd] =
             self.counters().map(|c| c.swap(0, Ordering::Relaxed));
@@ -234,13 +250,37 @@ impl DeltaCell {
 /// Usage settled but not yet written to the ledger.
 ///
 /// The cells are `DashMap` values, not `Arc`s handed out: an add holds the shard's read lock
-/// (shared with every other add) only for its few atomic adds, and that is what lets a drain
+/// (shared with every other add) only for its few atomic adds, and that is what lets a sweep
 /// remove an idle cell safely. A cell is removed under the shard's write lock, so no add can
 /// be between finding the cell and adding to it; an add that comes later misses and makes a
 /// new cell.
-#[derive(Debug, Default)]
+///
+/// A drain visits only the cells that got usage since their last take: the first add after a
+/// take queues the cell's key (a lock-free channel send), and the drain takes the queued keys.
+/// So a drain costs what was settled since the last one, not the number of cells, which with
+/// many credentials and models is far larger (every cell stays until a sweep finds it idle, a
+/// day or two later).
+#[derive(Debug)]
 pub struct Pending {
     cells: ConcurrentMap<UsageKey, DeltaCell>,
+    /// Where adds queue the keys of cells that got usage since their last take.
+    queue: mpsc::Sender<UsageKey>,
+    /// The other end of `queue`, read by drains (one at a time, off the request path).
+    queued: Mutex<mpsc::Receiver<UsageKey>>,
+    /// The day of the last sweep for idle cells.
+    swept: Mutex<Option<NaiveDate>>,
+}
+
+impl Default for Pending {
+    fn default() -> Self {
+        let (queue, queued) = mpsc::channel();
+        Pending {
+            cells: ConcurrentMap::default(),
+            queue,
+            queued: Mutex::new(queued),
+            swept: Mutex::new(None),
+        }
+    }
 }
 
 impl Pending {
@@ -249,39 +289,68 @@ impl Pending {
     }
 
     /// Adds `delta` to `key`'s pending usage. The hot path: a `get` (no allocation), atomic
-    /// adds, and an `entry` (which clones the key) only the first time a key is seen.
+    /// adds, and an `entry` (which clones the key) only the first time a key is seen; the first
+    /// add after a take also clones the key into the queue.
     pub fn add(&self, key: &UsageKey, delta: &UsageDelta) {
-        if let Some(cell) = self.cells.get(key) {
-            cell.add(delta);
-            return;
+        let queue = match self.cells.get(key) {
+            Some(cell) => cell.add(delta),
+            None => self.cells.entry(key.clone()).or_default().add(delta),
+        };
+        if queue {
+            // Fails only if the receiver is gone, and `self` holds it.
+            let _ = self.queue.send(key.clone());
         }
-        self.cells.entry(key.clone()).or_default().add(delta);
     }
 
-    /// Takes all pending usage, one entry per key with a non-zero delta, and forgets the idle
-    /// cells of days before yesterday (requests admitted yesterday may still be settling).
+    /// Takes all pending usage, one entry per queued key with a non-zero delta (a key queued
+    /// again while the drain runs may have a second entry: the parts add up), and, once a day,
+    /// forgets the idle cells of days before yesterday (requests admitted yesterday may still
+    /// be settling).
     pub fn drain(&self) -> Vec<(UsageKey, UsageDelta)> {
-        self.drain_at(Utc::now().date_naive())
-    }
-
-    fn drain_at(&self, today: NaiveDate) -> Vec<(UsageKey, UsageDelta)> {
-        let oldest_kept = today.checked_sub_days(Days::new(1)).unwrap_or(today);
-        let mut batch = Vec::new();
-        let mut idle = Vec::new();
-        for cell in self.cells.iter() {
-            let delta = cell.value().take();
-            if !delta.is_zero() {
-                batch.push((cell.key().clone(), delta));
-            } else if cell.key().day < oldest_kept {
-                idle.push(cell.key().clone());
-            }
-        }
-        // The iterator's read locks are released: removing while iterating would deadlock.
-        for key in idle {
-            // Checked again under the write lock: an add may have come in since the take.
-            self.cells.remove_if(&key, |_, cell| cell.is_zero());
+        let today = Utc::now().date_naive();
+        let batch = self.take_queued();
+        let mut swept = lock(&self.swept);
+        if *swept != Some(today) {
+            *swept = Some(today);
+            self.sweep_at(today);
         }
         batch
+    }
+
+    /// Takes the usage of every queued key. It runs until the queue is empty: a key queued
+    /// again while it runs (an add after its take) is taken again, and adds come far slower
+    /// than takes go, so it ends.
+    fn take_queued(&self) -> Vec<(UsageKey, UsageDelta)> {
+        let queued = lock(&self.queued);
+        let mut batch = Vec::new();
+        for key in queued.try_iter() {
+            // A key whose cell a sweep removed had nothing pending (it was removed idle).
+            let Some(cell) = self.cells.get(&key) else {
+                continue;
+            };
+            let delta = cell.take();
+            drop(cell);
+            if !delta.is_zero() {
+                batch.push((key, delta));
+            }
+        }
+        batch
+    }
+
+    /// Forgets the idle cells of days before yesterday. Costs a pass over every cell.
+    fn sweep_at(&self, today: NaiveDate) {
+        let oldest_kept = today.checked_sub_days(Days::new(1)).unwrap_or(today);
+        let old: Vec<UsageKey> = self
+            .cells
+            .iter()
+            .filter(|cell| cell.key().day < oldest_kept)
+            .map(|cell| cell.key().clone())
+            .collect();
+        // The iterator's read locks are released: removing while iterating would deadlock.
+        for key in old {
+            // Checked under the write lock: a cell with usage not yet taken stays.
+            self.cells.remove_if(&key, |_, cell| cell.is_zero());
+        }
     }
 
     /// Puts back a batch that could not be written, to be taken by a later drain.
@@ -295,6 +364,14 @@ impl Pending {
     pub fn keys(&self) -> usize {
         self.cells.len()
     }
+}
+
+/// A mutex guard, whether or not a panic poisoned it: the data are plain values that a panic
+/// cannot leave half-written.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
@@ -312,6 +389,13 @@ mod tests {
             model: Arc::from(model),
             day: day(on),
         }
+    }
+
+    /// A drain on `today` that also sweeps, as the first drain of a day does.
+    fn drain_on(pending: &Pending, today: NaiveDate) -> Vec<(UsageKey, UsageDelta)> {
+        let batch = pending.take_queued();
+        pending.sweep_at(today);
+        batch
     }
 
     fn delta(n: u64) -> UsageDelta {
@@ -392,16 +476,16 @@ mod tests {
         pending.add(&a, &delta(2));
         pending.add(&b, &delta(3));
         pending.add(&b, &UsageDelta::default());
-        let mut batch = pending.drain_at(day("2026-11-26"));
+        let mut batch = drain_on(&pending, day("2026-11-26"));
         batch.sort_by(|a, b| a.0.cmp(&b.0));
         let mut expected_a = delta(1);
         expected_a.add(&delta(2));
         assert_eq!(batch, vec![(a.clone(), expected_a), (b, delta(3))]);
-        assert!(pending.drain_at(day("2026-11-26")).is_empty());
+        assert!(drain_on(&pending, day("2026-11-26")).is_empty());
         assert_eq!(pending.keys(), 2, "today's cells are kept for reuse");
 
         pending.restore(&[(a.clone(), delta(5))]);
-        assert_eq!(pending.drain_at(day("2026-11-26")), vec![(a, delta(5))]);
+        assert_eq!(drain_on(&pending, day("2026-11-26")), vec![(a, delta(5))]);
     }
 
     #[test]
@@ -413,14 +497,13 @@ mod tests {
         for k in [&old, &yesterday, &today] {
             pending.add(k, &delta(1));
         }
-        // The first drain takes the old cell's usage; the cell is not idle yet.
-        assert_eq!(pending.drain_at(day("2026-11-26")).len(), 3);
-        assert_eq!(pending.keys(), 3);
-        assert!(pending.drain_at(day("2026-11-26")).is_empty());
+        // The drain takes the old cell's usage, then the sweep finds it idle.
+        assert_eq!(drain_on(&pending, day("2026-11-26")).len(), 3);
         assert_eq!(pending.keys(), 2, "the idle cell of 11-24 is gone");
+        assert!(drain_on(&pending, day("2026-11-26")).is_empty());
         // A late settle of an old day makes a fresh cell and is not lost.
         pending.add(&old, &delta(9));
-        assert_eq!(pending.drain_at(day("2026-11-26")), vec![(old, delta(9))]);
+        assert_eq!(drain_on(&pending, day("2026-11-26")), vec![(old, delta(9))]);
     }
 
     /// Adders race a drainer: every increment is taken exactly once, whether it lands in a
@@ -449,7 +532,7 @@ mod tests {
                 let mut batches = Vec::new();
                 loop {
                     let finished = done.load(Ordering::Acquire) == THREADS;
-                    batches.push(pending.drain_at(today));
+                    batches.push(drain_on(&pending, today));
                     if finished {
                         return batches;
                     }
@@ -457,7 +540,7 @@ mod tests {
             });
             drained = drainer.join().unwrap();
         });
-        drained.push(pending.drain_at(today));
+        drained.push(drain_on(&pending, today));
 
         let mut expected = UsageDelta::default();
         for _ in 0..THREADS {
