@@ -244,13 +244,19 @@ impl Ledger {
             .map_err(write_err)?;
         {
             let mut upsert = tx.prepare_cached(UPSERT).map_err(write_err)?;
+            // A batch is one or two days: each formatted once, not once per row.
+            let mut day: Option<(NaiveDate, String)> = None;
             for (key, delta) in batch {
+                let text = match &day {
+                    Some((date, text)) if *date == key.day => text,
+                    _ => &day.insert((key.day, day_text(key.day))).1,
+                };
                 upsert
                     .execute(params![
                         &*key.project,
                         &*key.credential,
                         &*key.model,
-                        day_text(key.day),
+                        text,
                         int(delta.requests),
                         int(delta.input_tokens),
                         int(delta.cached_input_tokens),
