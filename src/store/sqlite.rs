@@ -179,7 +179,10 @@ impl Ledger {
             // Still correct, only slower and blocking readers: say so once.
             tracing::warn!(ledger = %path.display(), mode, "the ledger could not switch to WAL mode");
         }
-        conn.pragma_update(None, "synchronous", "NORMAL")
+        // FULL: every write is on disk when it commits, so a power loss loses no more than a
+        // process crash does (the usage settled since the last write). NORMAL would sync the WAL
+        // only at checkpoints, and a power loss could take back everything written since one.
+        conn.pragma_update(None, "synchronous", "FULL")
             .map_err(open_err)?;
         migrate(&mut conn, path)?;
         Ok(Ledger {
@@ -527,7 +530,7 @@ mod tests {
             .conn
             .pragma_query_value(None, "synchronous", |r| r.get(0))
             .unwrap();
-        assert_eq!(sync, 1, "NORMAL");
+        assert_eq!(sync, 2, "FULL");
         assert_eq!(user_version(&ledger.conn).unwrap(), SCHEMA_VERSION);
     }
 
