@@ -1,7 +1,8 @@
 //! Microbenches of what tollgate does per request, each beside the alternative or the part it
 //! is made of: token lookup (and the SHA-256 alone), usage extraction from JSON and SSE bodies at
 //! several chunkings, the usage-chunk filter, budget reserve-and-settle (limited and unlimited,
-//! one thread and two), and a metrics scrape. How to run and read them: `benches/README.md`.
+//! one thread and two), a metrics scrape, and the ledger's write of a flush's batch. How to run and
+//! read them: `benches/README.md`.
 //!
 //! Short by default (2 s of measurement, 20 samples per bench) so that the suite takes about a
 //! minute; criterion's own flags (`-- --measurement-time 10`) lengthen it.
@@ -14,13 +15,14 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use criterion::{BenchmarkId, Criterion, Throughput};
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
 use http::{header, HeaderMap, HeaderValue};
 
 use tollgate::budget::{Account, Charge};
 use tollgate::config::{BudgetLimit, Config};
 use tollgate::period::Period;
 use tollgate::state::AppState;
+use tollgate::store::{Ledger, UsageDelta, UsageKey};
 use tollgate::usage::{Encoding, Format, Meter, Usage, UsageChunkFilter};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -32,12 +34,13 @@ fn main() -> ExitCode {
         .warm_up_time(Duration::from_millis(500))
         .sample_size(20)
         .configure_from_args();
-    let benches: [(&str, Bench); 5] = [
+    let benches: [(&str, Bench); 6] = [
         ("auth", auth),
         ("usage json", usage_json),
         ("usage sse", usage_sse),
         ("budget", budget),
         ("metrics", metrics),
+        ("ledger", ledger),
     ];
     for (name, bench) in benches {
         if let Err(err) = bench(&mut criterion) {
@@ -491,6 +494,69 @@ fn metrics(c: &mut Criterion) -> Result<(), Error> {
                 .render(black_box(&live), &state.unauthenticated)
         })
     });
+    group.finish();
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ledger
+
+/// `Ledger::write` of a flush's batch as the load bench makes it: 3,000 rows drawn at random
+/// from 20,000 (1,000 projects × 10 credentials × 2 models) that all exist already, in the order
+/// they came and in key order (the flusher sorts). Each order writes a ledger file of its own,
+/// so that neither pays for the other's WAL checkpoints.
+fn ledger(c: &mut Criterion) -> Result<(), Error> {
+    const ROWS: usize = 3_000;
+    let dir = tempfile::tempdir()?;
+    let day = Utc::now().date_naive();
+    let models: [Arc<str>; 2] = [Arc::from("gpt-4o-mini"), Arc::from("gpt-4.1-mini")];
+    let keys: Vec<UsageKey> = (0..1_000)
+        .flat_map(|p| (0..10).flat_map(move |c| (0..2).map(move |m| (p, c, m))))
+        .map(|(p, c, m): (usize, usize, usize)| UsageKey {
+            project: Arc::from(format!("team-{p:04}")),
+            credential: Arc::from(format!("svc-{c:02}")),
+            model: models[m].clone(),
+            day,
+        })
+        .collect();
+    let delta = UsageDelta {
+        requests: 1,
+        input_tokens: 30,
+        cached_input_tokens: 0,
+        output_tokens: 38,
+        reasoning_tokens: 0,
+        micro_usd: 27,
+    };
+    let every: Vec<(UsageKey, UsageDelta)> = keys.iter().map(|k| (k.clone(), delta)).collect();
+    let mut group = c.benchmark_group("ledger write (3,000 of 20,000 rows)");
+    group.throughput(Throughput::Elements(ROWS as u64));
+    for (name, sorted) in [("random order", false), ("key order", true)] {
+        let mut ledger = Ledger::open(&dir.path().join(format!("{name}.db")))?;
+        ledger.write(&every)?;
+        let mut seed = 0x5eed_u64;
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    (0..ROWS)
+                        .map(|_| {
+                            // xorshift64: a fixed sequence of keys for both orders.
+                            seed ^= seed << 13;
+                            seed ^= seed >> 7;
+                            seed ^= seed << 17;
+                            (keys[(seed % keys.len() as u64) as usize].clone(), delta)
+                        })
+                        .collect::<Vec<_>>()
+                },
+                |mut batch| {
+                    if sorted {
+                        batch.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                    }
+                    black_box(ledger.write(&batch))
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
     group.finish();
     Ok(())
 }
