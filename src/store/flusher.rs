@@ -147,10 +147,7 @@ impl Writer {
     }
 
     fn flush(&mut self) -> Result<(), StoreError> {
-        let mut batch = self.pending.drain();
-        // In key order, which is the table's primary key order: the upserts walk the b-tree from
-        // one end to the other instead of jumping between its pages.
-        batch.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let batch = self.pending.drain();
         if batch.is_empty() {
             return Ok(());
         }
