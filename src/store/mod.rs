@@ -265,10 +265,16 @@ pub struct Pending {
     cells: ConcurrentMap<UsageKey, DeltaCell>,
     /// Where adds queue the keys of cells that got usage since their last take.
     queue: mpsc::Sender<UsageKey>,
-    /// The other end of `queue`, read by drains (one at a time, off the request path).
-    queued: Mutex<mpsc::Receiver<UsageKey>>,
+    /// What drains keep, one drain at a time (off the request path).
+    drains: Mutex<Drains>,
+}
+
+#[derive(Debug)]
+struct Drains {
+    /// The other end of `Pending::queue`.
+    queued: mpsc::Receiver<UsageKey>,
     /// The day of the last sweep for idle cells.
-    swept: Mutex<Option<NaiveDate>>,
+    swept: Option<NaiveDate>,
 }
 
 impl Default for Pending {
@@ -277,8 +283,10 @@ impl Default for Pending {
         Pending {
             cells: ConcurrentMap::default(),
             queue,
-            queued: Mutex::new(queued),
-            swept: Mutex::new(None),
+            drains: Mutex::new(Drains {
+                queued,
+                swept: None,
+            }),
         }
     }
 }
@@ -307,23 +315,17 @@ impl Pending {
     /// forgets the idle cells of days before yesterday (requests admitted yesterday may still
     /// be settling).
     pub fn drain(&self) -> Vec<(UsageKey, UsageDelta)> {
-        let today = Utc::now().date_naive();
-        let batch = self.take_queued();
-        let mut swept = lock(&self.swept);
-        if *swept != Some(today) {
-            *swept = Some(today);
-            self.sweep_at(today);
-        }
-        batch
+        self.drain_at(Utc::now().date_naive(), false)
     }
 
-    /// Takes the usage of every queued key. It runs until the queue is empty: a key queued
-    /// again while it runs (an add after its take) is taken again, and adds come far slower
-    /// than takes go, so it ends.
-    fn take_queued(&self) -> Vec<(UsageKey, UsageDelta)> {
-        let queued = lock(&self.queued);
+    /// [`Self::drain`] on `today`, sweeping if it is the first drain of the day or `sweep`.
+    ///
+    /// The queue is taken until it is empty: a key queued again meanwhile (an add after its
+    /// take) is taken again, and adds come far slower than takes go, so it ends.
+    fn drain_at(&self, today: NaiveDate, sweep: bool) -> Vec<(UsageKey, UsageDelta)> {
+        let mut drains = lock(&self.drains);
         let mut batch = Vec::new();
-        for key in queued.try_iter() {
+        for key in drains.queued.try_iter() {
             // A key whose cell a sweep removed had nothing pending (it was removed idle).
             let Some(cell) = self.cells.get(&key) else {
                 continue;
@@ -333,6 +335,10 @@ impl Pending {
             if !delta.is_zero() {
                 batch.push((key, delta));
             }
+        }
+        if sweep || drains.swept != Some(today) {
+            drains.swept = Some(today);
+            self.sweep_at(today);
         }
         batch
     }
@@ -393,9 +399,7 @@ mod tests {
 
     /// A drain on `today` that also sweeps, as the first drain of a day does.
     fn drain_on(pending: &Pending, today: NaiveDate) -> Vec<(UsageKey, UsageDelta)> {
-        let batch = pending.take_queued();
-        pending.sweep_at(today);
-        batch
+        pending.drain_at(today, true)
     }
 
     fn delta(n: u64) -> UsageDelta {

@@ -247,7 +247,8 @@ impl Ledger {
             .map_err(write_err)?;
         {
             let mut upsert = tx.prepare_cached(UPSERT).map_err(write_err)?;
-            // A batch is one or two days: each formatted once, not once per row.
+            // A batch is mostly one day: formatted again only when a row's day differs from the
+            // previous row's, not for every row.
             let mut day: Option<(NaiveDate, String)> = None;
             for (key, delta) in batch {
                 let text = match &day {
