@@ -728,11 +728,17 @@ fn http_get_status(addr: SocketAddr, path: &str) -> Option<u16> {
 
 struct ProcStat {
     ppid: u32,
+    /// User and system time.
     ticks: u64,
+    user: u64,
 }
 
 fn proc_stat(pid: u32) -> Option<ProcStat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    proc_stat_at(&format!("/proc/{pid}/stat"))
+}
+
+fn proc_stat_at(path: &str) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(path).ok()?;
     // The command name is in parentheses and may hold spaces: read after the last ')'.
     let rest = &text[text.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -743,6 +749,7 @@ fn proc_stat(pid: u32) -> Option<ProcStat> {
     Some(ProcStat {
         ppid,
         ticks: utime + stime,
+        user: utime,
     })
 }
 
@@ -778,11 +785,54 @@ fn process_tree(root: u32) -> Vec<u32> {
     tree
 }
 
-/// CPU time (user + system) of a process tree, in clock ticks.
-fn tree_ticks(root: u32) -> u64 {
-    process_tree(root)
-        .into_iter()
-        .filter_map(proc_stat)
+/// CPU time of a process tree, in clock ticks.
+#[derive(Debug, Clone, Copy, Default)]
+struct Ticks {
+    /// User and system time.
+    all: u64,
+    user: u64,
+    /// The time of tollgate's ledger thread (user and system), which writes settled usage to
+    /// SQLite off the request path.
+    ledger: u64,
+}
+
+impl Ticks {
+    fn since(self, before: Ticks) -> Ticks {
+        Ticks {
+            all: self.all.saturating_sub(before.all),
+            user: self.user.saturating_sub(before.user),
+            ledger: self.ledger.saturating_sub(before.ledger),
+        }
+    }
+}
+
+fn tree_ticks(root: u32) -> Ticks {
+    let mut ticks = Ticks::default();
+    for pid in process_tree(root) {
+        if let Some(stat) = proc_stat(pid) {
+            ticks.all += stat.ticks;
+            ticks.user += stat.user;
+        }
+        ticks.ledger += thread_ticks(pid, LEDGER_THREAD);
+    }
+    ticks
+}
+
+/// The name tollgate gives its ledger thread (`/proc/PID/task/TID/comm`).
+const LEDGER_THREAD: &str = "tollgate-ledger";
+
+/// CPU time of the threads of `pid` named `name`, in clock ticks.
+fn thread_ticks(pid: u32, name: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.trim() == name)
+        })
+        .filter_map(|task| task.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|tid| proc_stat_at(&format!("/proc/{pid}/task/{tid}/stat")))
         .map(|s| s.ticks)
         .sum()
 }
@@ -1501,6 +1551,10 @@ struct PhaseResult {
     /// Stream only: the whole exchange.
     total_p50_us: Option<f64>,
     cpu_us_per_req: Option<f64>,
+    /// The user-space part of `cpu_us_per_req` (the rest is the kernel's: sockets, epoll).
+    user_us_per_req: Option<f64>,
+    /// The part of `cpu_us_per_req` spent by tollgate's ledger thread.
+    ledger_us_per_req: Option<f64>,
     cpu_us_per_chunk: Option<f64>,
     mock_cpu_us_per_req: Option<f64>,
     client_cpu_us_per_req: Option<f64>,
@@ -1546,12 +1600,16 @@ impl Bench {
         let per_request = |ticks: u64| {
             (stats.ok > 0).then(|| ticks as f64 / self.ticks_per_second * 1e6 / stats.ok as f64)
         };
-        let cpu_us_per_req = match (target.pid, proxy_before) {
-            (Some(pid), Some(before)) => per_request(tree_ticks(pid).saturating_sub(before)),
+        let proxy = match (target.pid, proxy_before) {
+            (Some(pid), Some(before)) => Some(tree_ticks(pid).since(before)),
             _ => None,
         };
-        let mock_cpu_us_per_req =
-            per_request(tree_ticks(self.mock_pid).saturating_sub(mock_before));
+        let cpu_us_per_req = proxy.and_then(|t| per_request(t.all));
+        let user_us_per_req = proxy.and_then(|t| per_request(t.user));
+        let ledger_us_per_req = proxy
+            .filter(|_| target.name == "tollgate")
+            .and_then(|t| per_request(t.ledger));
+        let mock_cpu_us_per_req = per_request(tree_ticks(self.mock_pid).since(mock_before).all);
         let client_cpu_us_per_req = per_request(
             proc_stat(std::process::id())
                 .map_or(0, |s| s.ticks)
@@ -1586,6 +1644,8 @@ impl Bench {
             p99_us,
             total_p50_us,
             cpu_us_per_req,
+            user_us_per_req,
+            ledger_us_per_req,
             cpu_us_per_chunk: if spec.stream {
                 cpu_us_per_req.map(|c| c / SSE_CHUNKS as f64)
             } else {
@@ -2083,6 +2143,8 @@ fn result_json(r: &PhaseResult) -> Value {
         "first_byte_p99_us": if r.stream { json!(r.p99_us) } else { Value::Null },
         "stream_total_p50_us": r.total_p50_us,
         "cpu_us_per_req": r.cpu_us_per_req,
+        "user_us_per_req": r.user_us_per_req,
+        "ledger_us_per_req": r.ledger_us_per_req,
         "cpu_us_per_chunk": r.cpu_us_per_chunk,
         "mock_cpu_us_per_req": r.mock_cpu_us_per_req,
         "client_cpu_us_per_req": r.client_cpu_us_per_req,
@@ -2098,6 +2160,9 @@ struct Ratio {
     p50: Option<f64>,
     p99: Option<f64>,
     cpu: Option<f64>,
+    /// User-space CPU per request: what each proxy's own code costs, without the kernel's
+    /// share, which is about the same for all of them.
+    user: Option<f64>,
 }
 
 fn ratios(results: &[PhaseResult]) -> Vec<Ratio> {
@@ -2123,6 +2188,7 @@ fn ratios(results: &[PhaseResult]) -> Vec<Ratio> {
                 p50: div(t.p50_us, v.p50_us),
                 p99: div(t.p99_us, v.p99_us),
                 cpu: div(t.cpu_us_per_req, v.cpu_us_per_req),
+                user: div(t.user_us_per_req, v.user_us_per_req),
             });
         }
     }
@@ -2141,6 +2207,7 @@ fn ratios_json(results: &[PhaseResult]) -> Value {
                     "p50": r.p50,
                     "p99": r.p99,
                     "cpu_per_req": r.cpu,
+                    "user_per_req": r.user,
                 })
             })
             .collect(),
@@ -2160,7 +2227,7 @@ fn render_table(
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "\n{:<12} {:<15} {:>5} {:>9} {:>8} {:>8} {:>9} {:>10} {:>8} {:>6}",
+        "\n{:<12} {:<15} {:>5} {:>9} {:>8} {:>8} {:>9} {:>7} {:>7} {:>10} {:>8} {:>6}",
         "target",
         "phase",
         "conns",
@@ -2168,15 +2235,17 @@ fn render_table(
         "p50 µs",
         "p99 µs",
         "CPU µs/req",
+        "user",
+        "ledger",
         "µs/chunk",
         "RSS MiB",
         "errors"
     );
-    let _ = writeln!(t, "{}", "-".repeat(101));
+    let _ = writeln!(t, "{}", "-".repeat(117));
     for r in results {
         let _ = writeln!(
             t,
-            "{:<12} {:<15} {:>5} {:>9.0} {:>8} {:>8} {:>10} {:>10} {:>8} {:>6}",
+            "{:<12} {:<15} {:>5} {:>9.0} {:>8} {:>8} {:>10} {:>7} {:>7} {:>10} {:>8} {:>6}",
             r.target,
             r.phase,
             r.connections,
@@ -2184,6 +2253,8 @@ fn render_table(
             num(r.p50_us, 0),
             num(r.p99_us, 0),
             num(r.cpu_us_per_req, 1),
+            num(r.user_us_per_req, 1),
+            num(r.ledger_us_per_req, 1),
             num(r.cpu_us_per_chunk, 2),
             num(r.peak_rss_mib, 1),
             r.errors,
@@ -2195,8 +2266,9 @@ fn render_table(
     let _ = writeln!(
         t,
         "\nstream rows: p50/p99 are the time to the first body byte; µs/chunk = CPU per request / {SSE_CHUNKS}.\n\
-         CPU and RSS (peak, VmHWM) are the proxy's process tree (nginx: master + workers, summed); `direct` is the\n\
-         load generator straight to the mock (no proxy), the ceiling of this machine."
+         CPU and RSS (peak, VmHWM) are the proxy's process tree (nginx: master + workers, summed); `user` is its\n\
+         user-space part (the rest is the kernel's: sockets, epoll), `ledger` the part spent by tollgate's ledger\n\
+         thread; `direct` is the load generator straight to the mock (no proxy), the ceiling of this machine."
     );
     for r in results.iter().filter(|r| r.stream && r.requests > 0) {
         if (r.bytes_per_response - expected_stream_bytes as f64).abs() > 0.5 {
@@ -2212,20 +2284,21 @@ fn render_table(
     if !all.is_empty() {
         let _ = writeln!(
             t,
-            "\n{:<22} {:<15} {:>8} {:>8} {:>8} {:>10}",
-            "ratio", "phase", "req/s", "p50", "p99", "CPU/req"
+            "\n{:<22} {:<15} {:>8} {:>8} {:>8} {:>10} {:>9}",
+            "ratio", "phase", "req/s", "p50", "p99", "CPU/req", "user/req"
         );
-        let _ = writeln!(t, "{}", "-".repeat(76));
+        let _ = writeln!(t, "{}", "-".repeat(86));
         for r in &all {
             let _ = writeln!(
                 t,
-                "{:<22} {:<15} {:>8} {:>8} {:>8} {:>10}",
+                "{:<22} {:<15} {:>8} {:>8} {:>8} {:>10} {:>9}",
                 format!("tollgate/{}", r.versus),
                 r.phase,
                 num(r.rps, 2),
                 num(r.p50, 2),
                 num(r.p99, 2),
                 num(r.cpu, 2),
+                num(r.user, 2),
             );
         }
     }
