@@ -14,7 +14,7 @@
 
 use serde::Deserialize;
 
-use super::find;
+use super::find::{self, Index, Set};
 use super::Usage;
 
 /// Largest `usage` value kept; a longer one is reported as malformed rather than buffered.
@@ -98,6 +98,9 @@ pub(crate) struct JsonScanner {
     awaiting_value: bool,
     /// Just opened the top-level `choices` array; the next significant byte tells if it is empty.
     choices_open: bool,
+    /// Pass over whole members of a watched object that nobody watches ([`Self::skip_members`]);
+    /// off only in tests, as the oracle that the byte-by-byte way gives the same findings.
+    fast_members: bool,
     capture: Capture,
     usage_buf: Vec<u8>,
     usage_overflow: bool,
@@ -134,6 +137,7 @@ impl JsonScanner {
             key: Key::Other,
             awaiting_value: false,
             choices_open: false,
+            fast_members: true,
             capture: Capture::None,
             usage_buf: Vec::new(),
             usage_overflow: false,
@@ -147,54 +151,67 @@ impl JsonScanner {
 
     /// Feeds the next bytes of the document.
     pub(crate) fn feed(&mut self, input: &[u8]) {
-        let mut rest = input;
-        while let Some((&b, tail)) = rest.split_first() {
+        let mut index = Index::new(input);
+        let mut at = 0;
+        while let Some(&b) = input.get(at) {
+            if self.fast_members
+                && self.expect_key
+                && !self.in_string
+                && self.skipping()
+                && self.watched()
+            {
+                // Between two members of a watched object: the members nobody watches are
+                // passed over whole; the others (and anything unusual) go the way below.
+                let used = self.skip_members(&mut index, at);
+                if used > 0 {
+                    at += used;
+                    continue;
+                }
+            }
             if self.in_string {
-                let used = self.feed_string(rest);
-                rest = rest.get(used..).unwrap_or_default();
+                at += self.feed_string(&mut index, at);
             } else if self.nested() {
                 // Inside a container no watched key can start in: only the depth matters, and
                 // the bytes of a usage value being captured, which are taken in one piece.
-                let used = self.skip_nested(rest);
+                let used = self.skip_nested(&mut index, at);
                 if used == 0 {
                     self.feed_byte(b);
-                    rest = tail;
+                    at += 1;
                 } else {
-                    let (skipped, after) = rest.split_at(used);
-                    self.capture_bytes(skipped);
-                    rest = after;
+                    self.capture_bytes(input.get(at..at + used).unwrap_or_default());
+                    at += used;
                 }
             } else if b == b'"' && self.awaiting_value && self.key == Key::Other {
                 // A string value of a member nobody watches: passed over whole.
                 self.awaiting_value = false;
-                let used = self.skip_string(rest);
-                rest = rest.get(used..).unwrap_or_default();
+                at += self.skip_string(&mut index, at);
             } else if b == b'"' && self.expect_key && self.skipping() && self.watched() {
-                match self.read_whole_key(rest) {
+                match self.read_whole_key(&mut index, at) {
                     0 => {
                         self.feed_byte(b);
-                        rest = tail;
+                        at += 1;
                     }
-                    used => rest = rest.get(used..).unwrap_or_default(),
+                    used => at += used,
                 }
             } else if self.skipping() {
                 // Between tokens that matter, a run of whitespace, literals and (outside the
                 // watched objects) separators changes nothing: pass over it in one go.
-                let run = if self.watched() {
-                    find::structural(rest)
+                let set = if self.watched() {
+                    Set::Structural
                 } else {
-                    find::string_or_bracket(rest)
+                    Set::StringOrBracket
                 };
-                let run = run.unwrap_or(rest.len());
-                if run == 0 {
-                    self.feed_byte(b);
-                    rest = tail;
-                } else {
-                    rest = rest.get(run..).unwrap_or_default();
+                match index.next(at, set) {
+                    Some(next) if next == at => {
+                        self.feed_byte(b);
+                        at += 1;
+                    }
+                    Some(next) => at = next,
+                    None => at = input.len(),
                 }
             } else {
                 self.feed_byte(b);
-                rest = tail;
+                at += 1;
             }
         }
     }
@@ -216,45 +233,122 @@ impl JsonScanner {
             && !self.choices_open
     }
 
-    /// Passes over the inside of a nested container in one loop: strings are skipped whole
-    /// ([`Self::skip_string`]) and brackets move the depth. Stops before a closing
-    /// bracket that would bring the depth to 2 or less (where objects may be watched and
-    /// usage captures end), which [`Self::feed_byte`] then takes; a string left open at the end
-    /// of `input` leaves the scanner in it. Returns the number of bytes used.
-    fn skip_nested(&mut self, input: &[u8]) -> usize {
-        let mut at = 0;
-        while let Some(pos) = find::string_or_bracket(input.get(at..).unwrap_or_default()) {
-            at += pos;
+    /// Passes over the inside of a nested container in one loop, from `start`: strings are
+    /// skipped whole ([`Self::skip_string`]) and brackets move the depth. Stops before a
+    /// closing bracket that would bring the depth to 2 or less (where objects may be watched
+    /// and usage captures end), which [`Self::feed_byte`] then takes; a string left open at the
+    /// end of the input leaves the scanner in it. Returns the number of bytes used.
+    fn skip_nested(&mut self, index: &mut Index<'_>, start: usize) -> usize {
+        let input = index.bytes();
+        let mut at = start;
+        while let Some(pos) = index.next(at, Set::StringOrBracket) {
+            at = pos;
             match input.get(at) {
                 Some(b'"') => {
-                    at += self.skip_string(input.get(at..).unwrap_or_default());
+                    at += self.skip_string(index, at);
                     continue;
                 }
                 Some(b'{' | b'[') => self.depth = self.depth.saturating_add(1),
                 _ => {
                     if self.depth <= 3 {
-                        return at;
+                        return at - start;
                     }
                     self.depth -= 1;
                 }
             }
             at += 1;
         }
-        input.len()
+        input.len().saturating_sub(start)
     }
 
-    /// Passes over the string that opens at the start of `input`; returns the bytes used. A
-    /// string that does not end in `input` uses all of it and leaves the scanner in it (and
-    /// after a backslash, in its escape).
-    fn skip_string(&mut self, input: &[u8]) -> usize {
-        match string_end(input.get(1..).unwrap_or_default()) {
-            StringEnd::Quote(len) => len + 2,
+    /// Passes over the string that opens at `at` (its quote); returns the bytes used. A string
+    /// that does not end in the input uses all of it and leaves the scanner in it (and after a
+    /// backslash, in its escape).
+    fn skip_string(&mut self, index: &mut Index<'_>, at: usize) -> usize {
+        match string_end(index, at + 1) {
+            StringEnd::Quote(end) => end + 1 - at,
             StringEnd::Open { escape } => {
                 self.in_string = true;
                 self.escape = escape;
-                input.len()
+                index.bytes().len().saturating_sub(at)
             }
         }
+    }
+
+    /// Passes over the members from `start` (in a watched object, between two members: after its
+    /// `{` or a `,`) that change nothing: an unwatched key, or `model` once a model was found,
+    /// with a string or literal value, or `usage` with `null`; each whole, with its `,` (the
+    /// last one up to the object's `}`), and only whole; and opens the top level's `choices`
+    /// array. Returns the bytes used; the scanner is left as the byte-by-byte way would leave
+    /// it after the same bytes. Stops at the first member it cannot pass over whole (a watched
+    /// key, a container value, an escape in the key, a byte out of place, the end of the
+    /// input), which that way then reads.
+    fn skip_members(&mut self, index: &mut Index<'_>, start: usize) -> usize {
+        let input = index.bytes();
+        let mut done = start;
+        loop {
+            let at = skip_whitespace(input, done);
+            if input.get(at) != Some(&b'"') {
+                break;
+            }
+            let Some(end) = index.next(at + 1, Set::QuoteOrBackslash) else {
+                break;
+            };
+            if input.get(end) != Some(&b'"') {
+                break;
+            }
+            let key = input.get(at + 1..end).filter(|key| key.len() <= KEY_BUF);
+            let key = self.match_key(key);
+            let colon = skip_whitespace(input, end + 1);
+            if input.get(colon) != Some(&b':') {
+                break;
+            }
+            let value = skip_whitespace(input, colon + 1);
+            if key == Key::Choices && input.get(value) == Some(&b'[') {
+                // What `begin_value` and `feed_byte` make of `"choices": [`: the array opened,
+                // and its first significant byte to be looked at (is it empty?).
+                self.choices_open = true;
+                self.depth = self.depth.saturating_add(1);
+                self.response_is_object = false;
+                self.expect_key = false;
+                return value + 1 - start;
+            }
+            let value_end = match input.get(value) {
+                Some(b'"') => match string_end(index, value + 1) {
+                    StringEnd::Quote(quote) => quote + 1,
+                    StringEnd::Open { .. } => break,
+                },
+                Some(b'{' | b'[' | b'}' | b']' | b':' | b',') | None => break,
+                Some(_) => match index.next(value, Set::Structural) {
+                    Some(run) => run,
+                    None => break,
+                },
+            };
+            let inert = match key {
+                Key::Other => true,
+                // `begin_value` starts no capture once a model is known.
+                Key::Model => self.found.model.is_some(),
+                // `"usage": null` is no usage, and not a malformed one.
+                Key::Usage => {
+                    input.get(value..value_end).map(<[u8]>::trim_ascii_end) == Some(b"null")
+                }
+                Key::Choices | Key::Response => false,
+            };
+            if !inert {
+                break;
+            }
+            let next = skip_whitespace(input, value_end);
+            match input.get(next) {
+                Some(b',') => done = next + 1,
+                Some(b'}') => {
+                    // The last member: the byte-by-byte way closes the object.
+                    self.expect_key = false;
+                    return value_end - start;
+                }
+                _ => break,
+            }
+        }
+        done - start
     }
 
     /// Ends the current document (an SSE event ended): a usage value still open is judged as
@@ -321,22 +415,23 @@ impl JsonScanner {
         (self.depth == 1 && self.top_is_object) || (self.depth == 2 && self.response_is_object)
     }
 
-    /// Consumes string content up to and including the next quote or escape; returns the
-    /// number of bytes used (at least one, `input` is not empty).
-    fn feed_string(&mut self, input: &[u8]) -> usize {
+    /// Consumes string content from `at` up to and including the next quote or escape; returns
+    /// the number of bytes used (at least one: there is a byte at `at`).
+    fn feed_string(&mut self, index: &mut Index<'_>, at: usize) -> usize {
+        let input = index.bytes();
         if self.escape {
             // The escaped byte (for `\uXXXX` the `u`; the hex digits follow as plain content).
             self.escape = false;
-            self.capture_bytes(input.get(..1).unwrap_or_default());
+            self.capture_bytes(input.get(at..=at).unwrap_or_default());
             return 1;
         }
-        match find::quote_or_backslash(input) {
+        match index.next(at, Set::QuoteOrBackslash) {
             None => {
-                self.string_content(input);
-                input.len()
+                self.string_content(input.get(at..).unwrap_or_default());
+                input.len().saturating_sub(at)
             }
             Some(pos) => {
-                self.string_content(input.get(..pos).unwrap_or_default());
+                self.string_content(input.get(at..pos).unwrap_or_default());
                 self.capture_bytes(input.get(pos..=pos).unwrap_or_default());
                 if input.get(pos) == Some(&b'\\') {
                     self.escape = true;
@@ -348,7 +443,7 @@ impl JsonScanner {
                     self.in_string = false;
                     self.end_string();
                 }
-                pos + 1
+                pos + 1 - at
             }
         }
     }
@@ -391,17 +486,17 @@ impl JsonScanner {
         }
     }
 
-    /// A key of a watched object that starts `input` (at its opening quote) and ends in it,
+    /// A key of a watched object that starts at `at` (its opening quote) and ends in the input,
     /// without escapes, is read in one step; returns the bytes used, or 0 to leave the key to
     /// the byte-by-byte path.
-    fn read_whole_key(&mut self, input: &[u8]) -> usize {
-        let content = input.get(1..).unwrap_or_default();
-        match find::quote_or_backslash(content) {
-            Some(len) if content.get(len) == Some(&b'"') => {
-                let key = content.get(..len).filter(|key| key.len() <= KEY_BUF);
+    fn read_whole_key(&mut self, index: &mut Index<'_>, at: usize) -> usize {
+        let input = index.bytes();
+        match index.next(at + 1, Set::QuoteOrBackslash) {
+            Some(end) if input.get(end) == Some(&b'"') => {
+                let key = input.get(at + 1..end).filter(|key| key.len() <= KEY_BUF);
                 self.key = self.match_key(key);
                 self.expect_key = false;
-                len + 2
+                end + 1 - at
             }
             _ => 0,
         }
@@ -573,32 +668,42 @@ fn push_capped(buf: &mut Vec<u8>, overflow: &mut bool, bytes: &[u8], cap: usize)
     }
 }
 
-/// Where the string whose content starts `content` ends.
+/// Where a string ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StringEnd {
-    /// At this index, the closing quote.
+    /// At this index of the input, the closing quote.
     Quote(usize),
-    /// Not in `content`; `escape` when its last byte is a backslash that escapes what follows.
+    /// Not in the input; `escape` when its last byte is a backslash that escapes what follows.
     Open { escape: bool },
 }
 
-fn string_end(content: &[u8]) -> StringEnd {
-    let mut at = 0;
+/// Where the string whose content starts at `from` ends.
+fn string_end(index: &mut Index<'_>, from: usize) -> StringEnd {
+    let input = index.bytes();
+    let mut at = from;
     loop {
-        let rest = content.get(at..).unwrap_or_default();
-        let Some(pos) = find::quote_or_backslash(rest) else {
+        let Some(pos) = index.next(at, Set::QuoteOrBackslash) else {
             return StringEnd::Open { escape: false };
         };
-        let pos = at.saturating_add(pos);
-        if content.get(pos) == Some(&b'"') {
+        if input.get(pos) == Some(&b'"') {
             return StringEnd::Quote(pos);
         }
         // A backslash: the next byte is escaped, whatever it is.
         at = pos.saturating_add(2);
-        if at > content.len() {
+        if at > input.len() {
             return StringEnd::Open { escape: true };
         }
     }
+}
+
+/// The index of the first byte of `input` at or after `from` that is not JSON whitespace (the
+/// length of `input` if there is none).
+fn skip_whitespace(input: &[u8], from: usize) -> usize {
+    let mut at = from;
+    while input.get(at).is_some_and(|&b| is_whitespace(b)) {
+        at += 1;
+    }
+    at
 }
 
 fn is_whitespace(b: u8) -> bool {
@@ -1266,7 +1371,112 @@ mod tests {
         })
     }
 
+    /// A document shaped like OpenAI's bodies and stream events, with the odd byte out of
+    /// place: top-level members of every kind (watched keys and not, strings with escapes,
+    /// literals, containers, `usage` as `null`, an object or junk), loose whitespace, and now
+    /// and then a `response` object of the same kind.
+    fn document() -> impl Strategy<Value = String> {
+        let key = proptest::sample::select(vec![
+            "usage",
+            "model",
+            "choices",
+            "response",
+            "id",
+            "object",
+            "created",
+            "a\\\"b",
+            "us\\u0061ge",
+            "system_fingerprint",
+            "",
+            "usagex",
+            "model ",
+        ]);
+        let value = proptest::sample::select(vec![
+            "null",
+            "nul",
+            "null x",
+            "1760000000",
+            "-1.5e3",
+            "true",
+            "\"gpt-4o-mini\"",
+            "\"a \\\"usage\\\": {\\\\\"",
+            "\"}],\"",
+            "[]",
+            "[{\"usage\":{\"input_tokens\":7}}]",
+            "{\"input_tokens\":3,\"output_tokens\":4}",
+            "{\"prompt_tokens\":1,\"x\":[{\"y\":\"]\"}]}",
+            "\"usage\"",
+            "",
+            "x",
+        ]);
+        let space = proptest::sample::select(vec!["", " ", "\n  ", "\t", "z"]);
+        let any_member = (key, space.clone(), value, space.clone())
+            .prop_map(|(k, s1, v, s2)| format!("{s1}\"{k}\"{s2}:{s1}{v}{s2}"));
+        // The members of OpenAI's stream events and bodies, as they come.
+        let usual_member = proptest::sample::select(vec![
+            r#""choices":[]"#,
+            r#""choices": [ ]"#,
+            r#""choices":[{"delta":{"content":"hi"},"index":0}]"#,
+            r#""usage":null"#,
+            r#""usage":{"prompt_tokens":5,"completion_tokens":6}"#,
+            r#""model":"gpt-4o-mini-2024-07-18""#,
+            r#""id":"chatcmpl-1""#,
+            r#""created":1760000000"#,
+        ])
+        .prop_map(str::to_owned);
+        let member = prop_oneof![any_member, usual_member];
+        let object = proptest::collection::vec(member, 0..10).prop_map(|m| m.join(","));
+        (object.clone(), object, proptest::bool::weighted(0.2), space).prop_map(
+            |(outer, inner, nest, s)| {
+                if nest {
+                    format!("{{{outer}{s},\"response\":{{{inner}}}}}")
+                } else {
+                    format!("{{{outer}}}{s}")
+                }
+            },
+        )
+    }
+
+    /// Everything a scanner can tell, after `docs` fed in pieces cut at `cuts`, each document
+    /// ended as an SSE event ends.
+    fn scan_events(fast: bool, nested: bool, docs: &[String], cuts: &[usize]) -> Vec<String> {
+        let mut scanner = JsonScanner::new(nested);
+        scanner.fast_members = fast;
+        let mut seen = Vec::new();
+        for doc in docs {
+            let bytes = doc.as_bytes();
+            let mut at = 0;
+            for &cut in cuts.iter().filter(|&&c| c < bytes.len()) {
+                if cut >= at {
+                    scanner.feed(&bytes[at..cut]);
+                    at = cut;
+                }
+            }
+            scanner.feed(&bytes[at..]);
+            seen.push(format!(
+                "{:?} incomplete={} usage_only={}",
+                scanner.findings(),
+                scanner.incomplete(),
+                scanner.is_usage_only_chunk()
+            ));
+            scanner.end_document();
+        }
+        seen
+    }
+
     proptest! {
+        #[test]
+        fn passing_over_members_whole_finds_what_the_byte_by_byte_way_finds(
+            docs in proptest::collection::vec(document(), 1..4),
+            mut cuts in proptest::collection::vec(0usize..300, 0..6),
+            nested in proptest::bool::ANY,
+        ) {
+            cuts.sort_unstable();
+            let fast = scan_events(true, nested, &docs, &cuts);
+            let slow = scan_events(false, nested, &docs, &cuts);
+            prop_assert_eq!(fast, slow, "{:?}", docs);
+        }
+
         #[test]
         fn the_plain_usage_reader_reads_openai_shapes(text in openai_like()) {
             let plain = read_plain_usage(text.as_bytes());
