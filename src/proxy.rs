@@ -366,6 +366,7 @@ async fn forward(
         admitted: now.date_naive(),
         live: live.clone(),
         project: who.project,
+        who,
         state: project_state.clone(),
         credential: credential.name.clone(),
         requested: requested.map(str::to_owned),
@@ -759,6 +760,8 @@ struct Settlement {
     admitted: chrono::NaiveDate,
     live: Arc<Live>,
     project: usize,
+    /// The credential, in `live`'s config.
+    who: crate::config::CredentialRef,
     state: Arc<ProjectState>,
     credential: Arc<str>,
     requested: Option<String>,
@@ -820,11 +823,28 @@ impl Settlement {
         self.done = true;
         if let Some((label, micro_usd)) = self.charge(&usage, None) {
             if usage.total() > 0 {
-                self.state
-                    .cell(&self.credential, &label)
-                    .add(&usage, micro_usd);
+                self.add_usage(&label, &usage, micro_usd);
                 self.to_ledger(&label, &usage, micro_usd);
             }
+        }
+    }
+
+    /// Adds to the lifetime usage of this credential and `label`: through the credential's
+    /// usage slot when it holds `label` (no lookup), else through the project's map, keeping
+    /// the cell in the slot if it was empty.
+    fn add_usage(&self, label: &Arc<str>, usage: &Usage, micro_usd: u64) {
+        let slot = self.live.usage_slot(self.who);
+        if let Some((kept, cell)) = slot.and_then(std::sync::OnceLock::get) {
+            if Arc::ptr_eq(kept, label) || kept == label {
+                cell.add(usage, micro_usd);
+                return;
+            }
+        }
+        let cell = self.state.cell(&self.credential, label);
+        cell.add(usage, micro_usd);
+        if let Some(slot) = slot {
+            // Another request of this credential may have filled it first: either is right.
+            let _ = slot.set((label.clone(), cell));
         }
     }
 
@@ -900,9 +920,7 @@ impl Settlement {
             return;
         };
         let model = reported_model.or(self.requested.as_deref());
-        self.state
-            .cell(&self.credential, &label)
-            .add(&usage, micro_usd);
+        self.add_usage(&label, &usage, micro_usd);
         self.to_ledger(&label, &usage, micro_usd);
         let status = if self.status == 0 {
             StatusCode::BAD_GATEWAY.as_u16()

@@ -5,13 +5,13 @@
 //! together before the swap, so a request that loads one snapshot sees a matching pair.
 
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 
-use crate::config::Config;
+use crate::config::{Config, CredentialRef};
 use crate::metrics::Metrics;
-use crate::projects::{ProjectState, Projects};
+use crate::projects::{ProjectState, Projects, UsageCell};
 use crate::store::Pending;
 use crate::upstream::Upstream;
 
@@ -22,6 +22,22 @@ pub struct Live {
     pub states: Vec<Arc<ProjectState>>,
     /// The model label of everything that is neither priced nor on an allowlist.
     pub other: Arc<str>,
+    /// Per credential of `config` (see [`Live::usage_slot`]), the first model label it settled
+    /// under and that label's usage cell in its project's state: most credentials settle one
+    /// model, and this finds its cell without a map lookup. Empty until the first settle;
+    /// built anew with each config (cells are never removed from a project's state, so a kept
+    /// cell stays the one counted).
+    usage_slots: Vec<OnceLock<(Arc<str>, Arc<UsageCell>)>>,
+    /// Where each project's credentials start in `usage_slots`.
+    first_slot: Vec<usize>,
+}
+
+impl Live {
+    /// The usage slot of a credential of `config`.
+    pub fn usage_slot(&self, who: CredentialRef) -> Option<&OnceLock<(Arc<str>, Arc<UsageCell>)>> {
+        let first = *self.first_slot.get(who.project)?;
+        self.usage_slots.get(first.checked_add(who.credential)?)
+    }
 }
 
 #[derive(Debug)]
@@ -71,9 +87,17 @@ fn resolve(config: Config, projects: &Projects, metrics: &Metrics) -> Live {
         .iter()
         .filter_map(|p| projects.get(&p.name))
         .collect();
+    let mut first_slot = Vec::with_capacity(config.projects.len());
+    let mut slots = 0;
+    for project in &config.projects {
+        first_slot.push(slots);
+        slots += project.credentials.len();
+    }
     Live {
         config,
         states,
         other: Arc::from("other"),
+        usage_slots: (0..slots).map(|_| OnceLock::new()).collect(),
+        first_slot,
     }
 }

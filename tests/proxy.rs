@@ -936,3 +936,51 @@ async fn admin_routes_need_the_admin_token() {
     // The metrics never show a key.
     assert!(!proxy.metrics().await.contains(REAL_KEY));
 }
+
+#[tokio::test]
+async fn usage_per_credential_and_model_is_kept_apart_and_across_a_reload() {
+    let (mock, proxy) = setup().await;
+    let embed = json!({"model": "text-embedding-3-small", "input": "hello"});
+    let send = |body: serde_json::Value, path: &'static str| {
+        let proxy = &proxy;
+        async move {
+            let answer = post_json(proxy, path, TOKEN, &body, &[]).await;
+            assert_eq!(answer.status, StatusCode::OK, "{path}: {}", answer.text());
+        }
+    };
+    // The credential's first model is the one its usage slot keeps; the other goes through
+    // the project's map.
+    send(chat("gpt-4o-mini"), "/v1/chat/completions").await;
+    for _ in 0..3 {
+        send(embed.clone(), "/v1/embeddings").await;
+    }
+    // A reload starts with empty slots and must count on the same cells.
+    let reloaded = proxy.reload(&config(&mock.base_url(), BIG_BUDGET)).await;
+    assert_eq!(reloaded.status, StatusCode::OK, "{}", reloaded.text());
+    send(embed.clone(), "/v1/embeddings").await;
+    send(chat("gpt-4o-mini"), "/v1/chat/completions").await;
+    send(chat("gpt-4o-mini"), "/v1/chat/completions").await;
+
+    let usage = proxy.admin_json("/admin/usage").await;
+    let rows: Vec<&serde_json::Value> = usage["usage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|row| row["project"] == "alpha" && row["credential"] == "svc")
+        .collect();
+    let requests = |prefix: &str| -> Vec<u64> {
+        rows.iter()
+            .filter(|row| row["model"].as_str().unwrap().starts_with(prefix))
+            .map(|row| row["requests"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(rows.len(), 2, "{usage}");
+    assert_eq!(requests("gpt-4o-mini"), [3], "{usage}");
+    assert_eq!(requests("text-embedding-3-small"), [4], "{usage}");
+    let reported = mock.reported();
+    let input: u64 = rows
+        .iter()
+        .map(|row| row["input_tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(input, reported.input_tokens, "{usage}");
+}
