@@ -66,7 +66,7 @@ pub struct ProjectState {
     /// (credential, model label) -> usage.
     pub usage: ConcurrentMap<(Arc<str>, Arc<str>), Arc<UsageCell>>,
     /// (model label, HTTP status) -> requests answered.
-    pub requests: ConcurrentMap<(Arc<str>, u16), AtomicU64>,
+    pub requests: ConcurrentMap<(Arc<str>, u16), Arc<AtomicU64>>,
     /// Rejection reason -> count.
     pub rejections: ConcurrentMap<&'static str, AtomicU64>,
     /// Requests charged at the fallback price because their model has none.
@@ -151,6 +151,7 @@ impl ProjectState {
     }
 
     pub fn count_request(&self, model: &Arc<str>, status: u16) {
+        // Relaxed: independent monotonic counters, read only for metrics.
         let key = (model.clone(), status);
         if let Some(counter) = self.requests.get(&key) {
             counter.fetch_add(1, Ordering::Relaxed);
@@ -160,6 +161,15 @@ impl ProjectState {
             .entry(key)
             .or_default()
             .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counter of requests of `model` answered `status`.
+    pub fn request_counter(&self, model: &Arc<str>, status: u16) -> Arc<AtomicU64> {
+        let key = (model.clone(), status);
+        if let Some(counter) = self.requests.get(&key) {
+            return counter.clone();
+        }
+        self.requests.entry(key).or_default().clone()
     }
 
     pub fn count_rejection(&self, reason: &'static str) {

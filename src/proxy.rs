@@ -40,7 +40,7 @@ use crate::logging;
 use crate::pricing::format_usd as usd;
 use crate::projects::ProjectState;
 use crate::ratelimit::Limited as RateLimited;
-use crate::state::{AppState, Live};
+use crate::state::{AppState, Live, UsageSlot};
 use crate::store::{UsageDelta, UsageKey};
 use crate::upstream::Upstream;
 use crate::usage::{Encoding, Format, Meter, Report, Usage, UsageChunkFilter};
@@ -823,29 +823,37 @@ impl Settlement {
         self.done = true;
         if let Some((label, micro_usd)) = self.charge(&usage, None) {
             if usage.total() > 0 {
-                self.add_usage(&label, &usage, micro_usd);
+                match self.slot(&label, false) {
+                    Some(slot) => slot.usage.add(&usage, micro_usd),
+                    None => self
+                        .state
+                        .cell(&self.credential, &label)
+                        .add(&usage, micro_usd),
+                }
                 self.to_ledger(&label, &usage, micro_usd);
             }
         }
     }
 
-    /// Adds to the lifetime usage of this credential and `label`: through the credential's
-    /// usage slot when it holds `label` (no lookup), else through the project's map, keeping
-    /// the cell in the slot if it was empty.
-    fn add_usage(&self, label: &Arc<str>, usage: &Usage, micro_usd: u64) {
-        let slot = self.live.usage_slot(self.who);
-        if let Some((kept, cell)) = slot.and_then(std::sync::OnceLock::get) {
-            if Arc::ptr_eq(kept, label) || kept == label {
-                cell.add(usage, micro_usd);
-                return;
+    /// The credential's usage slot, if it holds `label`'s counters; with `fill`, an empty slot
+    /// is given them first (only for a request answered 200, so that the slot's counter of
+    /// 200s never shows a model with none).
+    fn slot(&self, label: &Arc<str>, fill: bool) -> Option<&UsageSlot> {
+        let slot = self.live.usage_slot(self.who)?;
+        let kept = match slot.get() {
+            Some(kept) => kept,
+            None if fill => {
+                // Another request of this credential may fill it first: either is right.
+                let _ = slot.set(UsageSlot {
+                    label: label.clone(),
+                    usage: self.state.cell(&self.credential, label),
+                    answered: self.state.request_counter(label, StatusCode::OK.as_u16()),
+                });
+                slot.get()?
             }
-        }
-        let cell = self.state.cell(&self.credential, label);
-        cell.add(usage, micro_usd);
-        if let Some(slot) = slot {
-            // Another request of this credential may have filled it first: either is right.
-            let _ = slot.set((label.clone(), cell));
-        }
+            None => return None,
+        };
+        (Arc::ptr_eq(&kept.label, label) || kept.label == *label).then_some(kept)
     }
 
     fn to_ledger(&self, model: &Arc<str>, usage: &Usage, micro_usd: u64) {
@@ -920,14 +928,30 @@ impl Settlement {
             return;
         };
         let model = reported_model.or(self.requested.as_deref());
-        self.add_usage(&label, &usage, micro_usd);
-        self.to_ledger(&label, &usage, micro_usd);
         let status = if self.status == 0 {
             StatusCode::BAD_GATEWAY.as_u16()
         } else {
             self.status
         };
-        self.state.count_request(&label, status);
+        let ok = status == StatusCode::OK.as_u16();
+        match self.slot(&label, ok) {
+            Some(slot) => {
+                slot.usage.add(&usage, micro_usd);
+                if ok {
+                    // Relaxed: an independent monotonic counter, read only for metrics.
+                    slot.answered.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.state.count_request(&label, status);
+                }
+            }
+            None => {
+                self.state
+                    .cell(&self.credential, &label)
+                    .add(&usage, micro_usd);
+                self.state.count_request(&label, status);
+            }
+        }
+        self.to_ledger(&label, &usage, micro_usd);
         let elapsed = self.started.elapsed();
         self.state.duration.observe(elapsed.as_secs_f64());
         logging::request(&logging::RequestLine {

@@ -4,7 +4,7 @@
 //! Invariant: `Live::states[i]` is the state of `Live::config.projects[i]`; both are built
 //! together before the swap, so a request that loads one snapshot sees a matching pair.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
@@ -22,19 +22,28 @@ pub struct Live {
     pub states: Vec<Arc<ProjectState>>,
     /// The model label of everything that is neither priced nor on an allowlist.
     pub other: Arc<str>,
-    /// Per credential of `config` (see [`Live::usage_slot`]), the first model label it settled
-    /// under and that label's usage cell in its project's state: most credentials settle one
-    /// model, and this finds its cell without a map lookup. Empty until the first settle;
-    /// built anew with each config (cells are never removed from a project's state, so a kept
-    /// cell stays the one counted).
-    usage_slots: Vec<OnceLock<(Arc<str>, Arc<UsageCell>)>>,
+    /// Per credential of `config` (see [`Live::usage_slot`]), the counters of the first model
+    /// label it settled a 200 under: most credentials use one model, and settling finds these
+    /// without a map lookup. Empty until then; built anew with each config (counters are never
+    /// removed from a project's state, so a kept one stays the one counted).
+    usage_slots: Vec<OnceLock<UsageSlot>>,
     /// Where each project's credentials start in `usage_slots`.
     first_slot: Vec<usize>,
 }
 
+/// A credential's counters of one model label, shared with its project's state.
+#[derive(Debug)]
+pub struct UsageSlot {
+    pub label: Arc<str>,
+    /// The credential's lifetime usage of `label`.
+    pub usage: Arc<UsageCell>,
+    /// The project's requests of `label` answered 200.
+    pub answered: Arc<AtomicU64>,
+}
+
 impl Live {
     /// The usage slot of a credential of `config`.
-    pub fn usage_slot(&self, who: CredentialRef) -> Option<&OnceLock<(Arc<str>, Arc<UsageCell>)>> {
+    pub fn usage_slot(&self, who: CredentialRef) -> Option<&OnceLock<UsageSlot>> {
         let first = *self.first_slot.get(who.project)?;
         self.usage_slots.get(first.checked_add(who.credential)?)
     }

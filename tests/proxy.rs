@@ -983,4 +983,11 @@ async fn usage_per_credential_and_model_is_kept_apart_and_across_a_reload() {
         .map(|row| row["input_tokens"].as_u64().unwrap())
         .sum();
     assert_eq!(input, reported.input_tokens, "{usage}");
+    let metrics = proxy.metrics().await;
+    for line in [
+        r#"tollgate_requests_total{project="alpha",model="gpt-4o-mini",code="200"} 3"#,
+        r#"tollgate_requests_total{project="alpha",model="text-embedding-3-small",code="200"} 4"#,
+    ] {
+        assert!(metrics.contains(line), "{line}\n{metrics}");
+    }
 }
