@@ -291,8 +291,8 @@ fn spawn_proxy_threads(
                             return;
                         }
                     };
-                    let handler =
-                        move |request| proxy::handle(state.clone(), client.clone(), request);
+                    let thread = Arc::new(state::ThreadView::new(state, client));
+                    let handler = move |request| proxy::handle(thread.clone(), request);
                     let serving = server::serve(listener, tls, &config, handler, permits, shutdown);
                     tokio::select! {
                         () = serving => {}

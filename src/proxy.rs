@@ -40,9 +40,8 @@ use crate::logging;
 use crate::pricing::format_usd as usd;
 use crate::projects::ProjectState;
 use crate::ratelimit::Limited as RateLimited;
-use crate::state::{AppState, Live, UsageSlot};
+use crate::state::{AppState, Live, ThreadView, UsageSlot, View};
 use crate::store::{UsageDelta, UsageKey};
-use crate::upstream::Upstream;
 use crate::usage::{Encoding, Format, Meter, Report, Usage, UsageChunkFilter};
 
 /// Largest `GET /v1/models` answer tollgate reads to filter it.
@@ -68,19 +67,16 @@ impl From<ProxyError> for Rejection {
     }
 }
 
-/// Serves one data-plane request through `upstream` (the client of the calling thread's event
-/// loop). Never fails: every error becomes an OpenAI-shaped answer.
-pub async fn handle(
-    state: Arc<AppState>,
-    upstream: Arc<Upstream>,
-    request: Request<Incoming>,
-) -> Response<ProxyBody> {
+/// Serves one data-plane request with what the calling thread sees (`thread`: the app, the
+/// live config and the thread's upstream client). Never fails: every error becomes an
+/// OpenAI-shaped answer.
+pub async fn handle(thread: Arc<ThreadView>, request: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
-    let live = state.live.load_full();
+    let view = thread.load();
     let (parts, body) = request.into_parts();
-    match forward(&state, &upstream, &live, parts, body, started).await {
+    match forward(&view, parts, body, started).await {
         Ok(response) => response,
-        Err(rejection) => reject(&state, &live, rejection, started),
+        Err(rejection) => reject(&view.app, &view.live, rejection, started),
     }
 }
 
@@ -127,13 +123,12 @@ fn reject(
 }
 
 async fn forward(
-    state: &Arc<AppState>,
-    client: &Upstream,
-    live: &Arc<Live>,
+    view: &Arc<View>,
     parts: Parts,
     body: Incoming,
     started: Instant,
 ) -> Result<Response<ProxyBody>, Rejection> {
+    let (live, client) = (&view.live, &view.upstream);
     // 1. route
     let path = parts.uri.path();
     if !path.starts_with("/v1/") {
@@ -362,9 +357,8 @@ async fn forward(
     let mut settlement = Settlement {
         credential_reservation,
         rate: rate.map(|(meters, _)| meters),
-        app: state.clone(),
+        view: view.clone(),
         admitted: now.date_naive(),
-        live: live.clone(),
         project: who.project,
         who,
         state: project_state.clone(),
@@ -755,10 +749,10 @@ struct Settlement {
     credential_reservation: Option<Reservation>,
     /// The rate-limit meters that took this request's estimated tokens.
     rate: Option<Arc<crate::ratelimit::RuleMeters>>,
-    app: Arc<AppState>,
+    /// The app and the live config the request was admitted under.
+    view: Arc<View>,
     /// The UTC day the request was admitted: its ledger row.
     admitted: chrono::NaiveDate,
-    live: Arc<Live>,
     project: usize,
     /// The credential, in `live`'s config.
     who: crate::config::CredentialRef,
@@ -797,7 +791,7 @@ impl Settlement {
         match &self.reservation {
             Some(r) => Some(r.period().snapshot()),
             None => {
-                let project = self.live.config.projects.get(self.project)?;
+                let project = self.view.live.config.projects.get(self.project)?;
                 let kind = project.budget.map(|b| b.period)?;
                 Some(self.state.account.period(kind, Utc::now()).snapshot())
             }
@@ -839,7 +833,7 @@ impl Settlement {
     /// is given them first (only for a request answered 200, so that the slot's counter of
     /// 200s never shows a model with none).
     fn slot(&self, label: &Arc<str>, fill: bool) -> Option<&UsageSlot> {
-        let slot = self.live.usage_slot(self.who)?;
+        let slot = self.view.live.usage_slot(self.who)?;
         let kept = match slot.get() {
             Some(kept) => kept,
             None if fill => {
@@ -863,16 +857,17 @@ impl Settlement {
             model: model.clone(),
             day: self.admitted,
         };
-        self.app
+        self.view
+            .app
             .pending
             .add(&key, &UsageDelta::request(usage, micro_usd));
     }
 
     /// Replaces the reservation with the charge for `usage`; returns the model label and cost.
     fn charge(&mut self, usage: &Usage, reported_model: Option<&str>) -> Option<(Arc<str>, u64)> {
-        let project = self.live.config.projects.get(self.project)?;
+        let project = self.view.live.config.projects.get(self.project)?;
         let model = reported_model.or(self.requested.as_deref());
-        let pricing = &self.live.config.pricing;
+        let pricing = &self.view.live.config.pricing;
         let (label, price) = match model.and_then(|m| pricing.entry(m)) {
             Some((name, price)) => (name.clone(), *price),
             None => {
@@ -882,7 +877,7 @@ impl Settlement {
                 let label = model
                     .and_then(|m| project.models.exact_allowed.iter().find(|e| &***e == m))
                     .cloned()
-                    .unwrap_or_else(|| self.live.other.clone());
+                    .unwrap_or_else(|| self.view.live.other.clone());
                 (label, pricing.fallback)
             }
         };
@@ -896,7 +891,8 @@ impl Settlement {
             reservation.settle(charge, usage);
             if let Some(limit) = &project.budget {
                 for index in period.crossed(limit, &project.alert_at) {
-                    self.app
+                    self.view
+                        .app
                         .alerts
                         .fire(project, &self.state, limit, &period, index);
                 }
@@ -923,7 +919,7 @@ impl Settlement {
         let Some((label, micro_usd)) = self.charge(&usage, reported_model) else {
             return;
         };
-        let live = self.live.clone();
+        let live = self.view.live.clone();
         let Some(project) = live.config.projects.get(self.project) else {
             return;
         };

@@ -31,6 +31,58 @@ pub struct Live {
     first_slot: Vec<usize>,
 }
 
+/// What a proxy thread's requests hold on to: the app, the live config as the thread last saw
+/// it, and the thread's upstream client. Each thread has its own (see [`ThreadView`]), so the
+/// reference count that every request takes and drops is written by one thread only, instead of
+/// a count on the app and the config that both threads write on every request.
+#[derive(Debug)]
+pub struct View {
+    pub app: Arc<AppState>,
+    pub live: Arc<Live>,
+    pub upstream: Arc<Upstream>,
+}
+
+/// A proxy thread's [`View`], made anew when the live config was swapped.
+#[derive(Debug)]
+pub struct ThreadView {
+    app: Arc<AppState>,
+    upstream: Arc<Upstream>,
+    current: ArcSwap<View>,
+}
+
+impl ThreadView {
+    pub fn new(app: Arc<AppState>, upstream: Arc<Upstream>) -> Self {
+        let current = ArcSwap::from_pointee(View {
+            app: app.clone(),
+            live: app.live.load_full(),
+            upstream: upstream.clone(),
+        });
+        ThreadView {
+            app,
+            upstream,
+            current,
+        }
+    }
+
+    /// The thread's view of the current config. A request takes one at entry and keeps it.
+    pub fn load(&self) -> Arc<View> {
+        let view = self.current.load();
+        let live = self.app.live.load();
+        if Arc::ptr_eq(&view.live, &live) {
+            return arc_swap::Guard::into_inner(view);
+        }
+        // A reload: this thread's next view. Only this thread stores here; a request that
+        // raced it holds either view, each whole.
+        let fresh = Arc::new(View {
+            app: self.app.clone(),
+            live: arc_swap::Guard::into_inner(live),
+            upstream: self.upstream.clone(),
+        });
+        self.current.store(fresh.clone());
+        fresh
+    }
+}
+
 /// A credential's counters of one model label, shared with its project's state.
 #[derive(Debug)]
 pub struct UsageSlot {
