@@ -41,7 +41,7 @@ use crate::pricing::format_usd as usd;
 use crate::projects::ProjectState;
 use crate::ratelimit::Limited as RateLimited;
 use crate::state::{AppState, Live, ThreadView, UsageSlot, View};
-use crate::store::{UsageDelta, UsageKey};
+use crate::store::{KeyRef, UsageDelta};
 use crate::usage::{Encoding, Format, Meter, Report, Usage, UsageChunkFilter};
 
 /// Largest `GET /v1/models` answer tollgate reads to filter it.
@@ -815,16 +815,17 @@ impl Settlement {
     /// the request.
     fn abandon(&mut self, usage: Usage) {
         self.done = true;
-        if let Some((label, micro_usd)) = self.charge(&usage, None) {
+        let view = self.view.clone();
+        if let Some((label, micro_usd)) = self.charge(&view, &usage, None) {
             if usage.total() > 0 {
-                match self.slot(&label, false) {
+                match self.slot(label, false) {
                     Some(slot) => slot.usage.add(&usage, micro_usd),
                     None => self
                         .state
-                        .cell(&self.credential, &label)
+                        .cell(&self.credential, label)
                         .add(&usage, micro_usd),
                 }
-                self.to_ledger(&label, &usage, micro_usd);
+                self.to_ledger(label, &usage, micro_usd);
             }
         }
     }
@@ -851,33 +852,39 @@ impl Settlement {
     }
 
     fn to_ledger(&self, model: &Arc<str>, usage: &Usage, micro_usd: u64) {
-        let key = UsageKey {
-            project: self.state.name.clone(),
-            credential: self.credential.clone(),
-            model: model.clone(),
+        let key = KeyRef {
+            project: &self.state.name,
+            credential: &self.credential,
+            model,
             day: self.admitted,
         };
         self.view
             .app
             .pending
-            .add(&key, &UsageDelta::request(usage, micro_usd));
+            .add(key, &UsageDelta::request(usage, micro_usd));
     }
 
-    /// Replaces the reservation with the charge for `usage`; returns the model label and cost.
-    fn charge(&mut self, usage: &Usage, reported_model: Option<&str>) -> Option<(Arc<str>, u64)> {
-        let project = self.view.live.config.projects.get(self.project)?;
+    /// Replaces the reservation with the charge for `usage`; returns the model label (of
+    /// `view`, this request's: borrowed, since the label's count is shared by every request)
+    /// and cost.
+    fn charge<'v>(
+        &mut self,
+        view: &'v View,
+        usage: &Usage,
+        reported_model: Option<&str>,
+    ) -> Option<(&'v Arc<str>, u64)> {
+        let project = view.live.config.projects.get(self.project)?;
         let model = reported_model.or(self.requested.as_deref());
-        let pricing = &self.view.live.config.pricing;
+        let pricing = &view.live.config.pricing;
         let (label, price) = match model.and_then(|m| pricing.entry(m)) {
-            Some((name, price)) => (name.clone(), *price),
+            Some((name, price)) => (name, *price),
             None => {
                 if usage.total() > 0 {
                     self.state.unpriced.fetch_add(1, Ordering::Relaxed);
                 }
                 let label = model
                     .and_then(|m| project.models.exact_allowed.iter().find(|e| &***e == m))
-                    .cloned()
-                    .unwrap_or_else(|| self.view.live.other.clone());
+                    .unwrap_or(&view.live.other);
                 (label, pricing.fallback)
             }
         };
@@ -916,11 +923,11 @@ impl Settlement {
             return;
         }
         self.done = true;
-        let Some((label, micro_usd)) = self.charge(&usage, reported_model) else {
+        let view = self.view.clone();
+        let Some((label, micro_usd)) = self.charge(&view, &usage, reported_model) else {
             return;
         };
-        let live = self.view.live.clone();
-        let Some(project) = live.config.projects.get(self.project) else {
+        let Some(project) = view.live.config.projects.get(self.project) else {
             return;
         };
         let model = reported_model.or(self.requested.as_deref());
@@ -930,24 +937,24 @@ impl Settlement {
             self.status
         };
         let ok = status == StatusCode::OK.as_u16();
-        match self.slot(&label, ok) {
+        match self.slot(label, ok) {
             Some(slot) => {
                 slot.usage.add(&usage, micro_usd);
                 if ok {
                     // Relaxed: an independent monotonic counter, read only for metrics.
                     slot.answered.fetch_add(1, Ordering::Relaxed);
                 } else {
-                    self.state.count_request(&label, status);
+                    self.state.count_request(label, status);
                 }
             }
             None => {
                 self.state
-                    .cell(&self.credential, &label)
+                    .cell(&self.credential, label)
                     .add(&usage, micro_usd);
-                self.state.count_request(&label, status);
+                self.state.count_request(label, status);
             }
         }
-        self.to_ledger(&label, &usage, micro_usd);
+        self.to_ledger(label, &usage, micro_usd);
         let elapsed = self.started.elapsed();
         self.state.duration.observe(elapsed.as_secs_f64());
         logging::request(&logging::RequestLine {

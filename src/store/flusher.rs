@@ -224,9 +224,9 @@ mod tests {
         let path = dir.path().join("tollgate.db");
         let pending = Arc::new(Pending::new());
         let flusher = Flusher::spawn(Ledger::open(&path).unwrap(), pending.clone(), NEVER).unwrap();
-        pending.add(&key("a"), &delta(1));
-        pending.add(&key("a"), &delta(2));
-        pending.add(&key("b"), &delta(4));
+        pending.add(key("a").parts(), &delta(1));
+        pending.add(key("a").parts(), &delta(2));
+        pending.add(key("b").parts(), &delta(4));
         flusher.flush_now().await.unwrap();
         let mut three = delta(1);
         three.add(&delta(2));
@@ -236,7 +236,7 @@ mod tests {
         flusher.flush_now().await.unwrap();
         assert_eq!(spent(&path, "a"), three, "an empty flush writes nothing");
 
-        pending.add(&key("c"), &delta(8));
+        pending.add(key("c").parts(), &delta(8));
         flusher.shutdown().await.unwrap();
         assert_eq!(spent(&path, "c"), delta(8), "shutdown flushes a last time");
     }
@@ -252,7 +252,7 @@ mod tests {
             Duration::from_millis(10),
         )
         .unwrap();
-        pending.add(&key("a"), &delta(1));
+        pending.add(key("a").parts(), &delta(1));
         let deadline = Instant::now() + Duration::from_secs(10);
         while spent(&path, "a") != delta(1) {
             assert!(Instant::now() < deadline, "no flush within 10 s");
@@ -269,7 +269,7 @@ mod tests {
         let pending = Arc::new(Pending::new());
         let flusher = Flusher::spawn(Ledger::open(&path).unwrap(), pending.clone(), NEVER).unwrap();
         let failures = flusher.failures();
-        pending.add(&key("a"), &delta(1));
+        pending.add(key("a").parts(), &delta(1));
         flusher.flush_now().await.unwrap();
 
         // Another connection hides the table: the next writes fail.
@@ -277,12 +277,12 @@ mod tests {
         admin
             .execute_batch("ALTER TABLE usage RENAME TO usage_hidden")
             .unwrap();
-        pending.add(&key("a"), &delta(2));
+        pending.add(key("a").parts(), &delta(2));
         let e = flusher.flush_now().await.unwrap_err();
         assert!(matches!(e, StoreError::Write { .. }), "{e}");
         assert!(e.to_string().contains("tollgate.db"), "{e}");
         assert_eq!(failures.load(Ordering::Relaxed), 1);
-        pending.add(&key("a"), &delta(4));
+        pending.add(key("a").parts(), &delta(4));
         assert!(flusher.flush_now().await.is_err());
         assert_eq!(failures.load(Ordering::Relaxed), 2);
 
@@ -313,7 +313,7 @@ mod tests {
         let mut flusher =
             Flusher::spawn(Ledger::open(&path).unwrap(), pending.clone(), NEVER).unwrap();
         let thread = flusher.thread.take().unwrap();
-        pending.add(&key("a"), &delta(3));
+        pending.add(key("a").parts(), &delta(3));
         drop(flusher);
         tokio::task::spawn_blocking(move || thread.join().unwrap())
             .await

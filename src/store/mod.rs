@@ -83,12 +83,91 @@ pub enum StoreError {
 
 /// What one ledger row counts: a project's usage through one credential of one model on one
 /// UTC day (the day the request was admitted, so a request is counted in one day only).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct UsageKey {
     pub project: Arc<str>,
     pub credential: Arc<str>,
     pub model: Arc<str>,
     pub day: NaiveDate,
+}
+
+impl UsageKey {
+    /// The key, borrowed.
+    pub fn parts(&self) -> KeyRef<'_> {
+        KeyRef {
+            project: &self.project,
+            credential: &self.credential,
+            model: &self.model,
+            day: self.day,
+        }
+    }
+}
+
+/// A [`UsageKey`] made of borrowed names: what [`Pending::add`] looks a cell up by, so that a
+/// settled request clones the names (reference counts that other threads' requests write too)
+/// only when it makes a cell or queues one.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyRef<'a> {
+    pub project: &'a Arc<str>,
+    pub credential: &'a Arc<str>,
+    pub model: &'a Arc<str>,
+    pub day: NaiveDate,
+}
+
+impl KeyRef<'_> {
+    pub fn to_owned(self) -> UsageKey {
+        UsageKey {
+            project: self.project.clone(),
+            credential: self.credential.clone(),
+            model: self.model.clone(),
+            day: self.day,
+        }
+    }
+}
+
+/// A usage key's parts, whoever holds them: a map of [`UsageKey`]s can be searched with a
+/// [`KeyRef`] through `Borrow<dyn KeyParts>`, since both hash and compare by these parts.
+pub trait KeyParts {
+    fn key_parts(&self) -> (&str, &str, &str, NaiveDate);
+}
+
+impl KeyParts for UsageKey {
+    fn key_parts(&self) -> (&str, &str, &str, NaiveDate) {
+        (&self.project, &self.credential, &self.model, self.day)
+    }
+}
+
+impl KeyParts for KeyRef<'_> {
+    fn key_parts(&self) -> (&str, &str, &str, NaiveDate) {
+        (self.project, self.credential, self.model, self.day)
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn KeyParts + 'a> for UsageKey {
+    fn borrow(&self) -> &(dyn KeyParts + 'a) {
+        self
+    }
+}
+
+impl std::hash::Hash for dyn KeyParts + '_ {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key_parts().hash(state);
+    }
+}
+
+impl PartialEq for dyn KeyParts + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.key_parts() == other.key_parts()
+    }
+}
+
+impl Eq for dyn KeyParts + '_ {}
+
+// By the parts, as `dyn KeyParts` hashes: `Borrow` requires the two to agree.
+impl std::hash::Hash for UsageKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key_parts().hash(state);
+    }
 }
 
 /// Usage to add to a ledger row, or a sum of rows.
@@ -296,17 +375,18 @@ impl Pending {
         Pending::default()
     }
 
-    /// Adds `delta` to `key`'s pending usage. The hot path: a `get` (no allocation), atomic
-    /// adds, and an `entry` (which clones the key) only the first time a key is seen; the first
-    /// add after a take also clones the key into the queue.
-    pub fn add(&self, key: &UsageKey, delta: &UsageDelta) {
-        let queue = match self.cells.get(key) {
+    /// Adds `delta` to `key`'s pending usage. The hot path: a `get` by the borrowed key (no
+    /// allocation, no reference count), atomic adds, and an `entry` (which clones the key's
+    /// names) only the first time a key is seen; the first add after a take also clones them
+    /// into the queue.
+    pub fn add(&self, key: KeyRef<'_>, delta: &UsageDelta) {
+        let queue = match self.cells.get(&key as &dyn KeyParts) {
             Some(cell) => cell.add(delta),
-            None => self.cells.entry(key.clone()).or_default().add(delta),
+            None => self.cells.entry(key.to_owned()).or_default().add(delta),
         };
         if queue {
             // Fails only if the receiver is gone, and `self` holds it.
-            let _ = self.queue.send(key.clone());
+            let _ = self.queue.send(key.to_owned());
         }
     }
 
@@ -362,7 +442,7 @@ impl Pending {
     /// Puts back a batch that could not be written, to be taken by a later drain.
     pub fn restore(&self, batch: &[(UsageKey, UsageDelta)]) {
         for (key, delta) in batch {
-            self.add(key, delta);
+            self.add(key.parts(), delta);
         }
     }
 
@@ -472,14 +552,47 @@ mod tests {
     }
 
     #[test]
+    fn a_borrowed_key_finds_the_cell_of_its_owned_key() {
+        use std::hash::BuildHasher;
+        let pending = Pending::new();
+        let owned = key("p", "m1", "2026-11-26");
+        // Other names, same text: found by the text, not by the pointers.
+        let (project, credential, model) = (
+            Arc::<str>::from("p"),
+            owned.credential.to_string().into(),
+            Arc::<str>::from("m1"),
+        );
+        let borrowed = KeyRef {
+            project: &project,
+            credential: &credential,
+            model: &model,
+            day: day("2026-11-26"),
+        };
+        let hasher = crate::maps::Hasher::default();
+        assert_eq!(
+            hasher.hash_one(&owned),
+            hasher.hash_one(&borrowed as &dyn KeyParts)
+        );
+        pending.add(owned.parts(), &delta(1));
+        assert!(pending.cells.get(&borrowed as &dyn KeyParts).is_some());
+        let other = KeyRef {
+            model: &owned.project,
+            ..borrowed
+        };
+        assert!(pending.cells.get(&other as &dyn KeyParts).is_none());
+        pending.add(borrowed, &delta(2));
+        assert_eq!(pending.keys(), 1);
+    }
+
+    #[test]
     fn drain_takes_sums_per_key_and_skips_zero_deltas() {
         let pending = Pending::new();
         let a = key("p", "m1", "2026-11-26");
         let b = key("p", "m2", "2026-11-26");
-        pending.add(&a, &delta(1));
-        pending.add(&a, &delta(2));
-        pending.add(&b, &delta(3));
-        pending.add(&b, &UsageDelta::default());
+        pending.add(a.parts(), &delta(1));
+        pending.add(a.parts(), &delta(2));
+        pending.add(b.parts(), &delta(3));
+        pending.add(b.parts(), &UsageDelta::default());
         let mut batch = drain_on(&pending, day("2026-11-26"));
         batch.sort_by(|a, b| a.0.cmp(&b.0));
         let mut expected_a = delta(1);
@@ -499,14 +612,14 @@ mod tests {
         let yesterday = key("p", "m", "2026-11-25");
         let today = key("p", "m", "2026-11-26");
         for k in [&old, &yesterday, &today] {
-            pending.add(k, &delta(1));
+            pending.add(k.parts(), &delta(1));
         }
         // The drain takes the old cell's usage, then the sweep finds it idle.
         assert_eq!(drain_on(&pending, day("2026-11-26")).len(), 3);
         assert_eq!(pending.keys(), 2, "the idle cell of 11-24 is gone");
         assert!(drain_on(&pending, day("2026-11-26")).is_empty());
         // A late settle of an old day makes a fresh cell and is not lost.
-        pending.add(&old, &delta(9));
+        pending.add(old.parts(), &delta(9));
         assert_eq!(drain_on(&pending, day("2026-11-26")), vec![(old, delta(9))]);
     }
 
@@ -527,7 +640,7 @@ mod tests {
                 s.spawn(move || {
                     for i in 0..ADDS {
                         let k = &keys[((t + i) % keys.len() as u64) as usize];
-                        pending.add(k, &delta(i % 97 + 1));
+                        pending.add(k.parts(), &delta(i % 97 + 1));
                     }
                     done.fetch_add(1, Ordering::Release);
                 });
