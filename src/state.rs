@@ -1,8 +1,10 @@
-//! The shared state of a running tollgate: the live config snapshot (swapped whole on reload)
-//! and the long-lived state that a reload must keep (project counters, metrics).
+//! The shared state of a running tollgate: the live config snapshot (swapped whole on reload),
+//! the long-lived state that a reload must keep (project counters, metrics), and each proxy
+//! thread's view of both.
 //!
-//! Invariant: `Live::states[i]` is the state of `Live::config.projects[i]`; both are built
-//! together before the swap, so a request that loads one snapshot sees a matching pair.
+//! Invariant: `Live::states[i]` is the state of `Live::config.projects[i]`, and a usage slot of
+//! `Live` holds counters of that state; all are built together before the swap, so a request
+//! that loads one snapshot sees a matching set.
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, OnceLock};

@@ -36,6 +36,16 @@ pub(crate) enum Set {
     Structural,
 }
 
+impl Set {
+    fn holds(self, b: u8) -> bool {
+        match self {
+            Set::QuoteOrBackslash => matches!(b, b'"' | b'\\'),
+            Set::StringOrBracket => matches!(b, b'"' | b'{' | b'[' | b'}' | b']'),
+            Set::Structural => matches!(b, b'"' | b'{' | b'[' | b'}' | b']' | b':' | b','),
+        }
+    }
+}
+
 /// One block's bytes of each set, one bit per byte (bit `i` for the block's byte `i`).
 #[derive(Debug, Clone, Copy, Default)]
 struct Masks {
@@ -47,17 +57,24 @@ struct Masks {
 impl Masks {
     /// The masks of `block`, at most [`BLOCK`] bytes; bytes past its end match nothing.
     fn of(block: &[u8]) -> Masks {
-        let mut padded = [0u8; BLOCK];
-        let bytes = match <&[u8; BLOCK]>::try_from(block) {
-            Ok(full) => full,
+        match <&[u8; BLOCK]>::try_from(block) {
+            Ok(full) => Masks::of_lanes(full, BLOCK / LANE),
             Err(_) => {
+                // The input's last block, padded with zeros (in no set); only the lanes that
+                // hold bytes are compared, so a frame of a few bytes costs one lane, not four.
+                let mut padded = [0u8; BLOCK];
                 let len = block.len().min(BLOCK);
                 if let (Some(dst), Some(src)) = (padded.get_mut(..len), block.get(..len)) {
                     dst.copy_from_slice(src);
                 }
-                &padded
+                Masks::of_lanes(&padded, len.div_ceil(LANE))
             }
-        };
+        }
+    }
+
+    /// The masks of the first `lanes` lanes of `bytes`.
+    #[inline(always)]
+    fn of_lanes(bytes: &[u8; BLOCK], lanes: usize) -> Masks {
         let quote = u8x16::splat(b'"');
         let backslash = u8x16::splat(b'\\');
         // `[` and `]` are `{` and `}` without bit 0x20, and no other byte becomes either with it.
@@ -67,7 +84,7 @@ impl Masks {
         let colon = u8x16::splat(b':');
         let comma = u8x16::splat(b',');
         let mut masks = Masks::default();
-        for (lane, chunk) in bytes.chunks_exact(LANE).enumerate() {
+        for (lane, chunk) in bytes.chunks_exact(LANE).take(lanes).enumerate() {
             let mut array = [0u8; LANE];
             array.copy_from_slice(chunk);
             let v = u8x16::from(array);
@@ -131,6 +148,15 @@ impl<'a> Index<'a> {
     /// [`Self::next`], block by block from the one that holds `from`.
     #[inline(never)]
     fn next_in_blocks(&mut self, from: usize, set: Set) -> Option<usize> {
+        if self.bytes.len() < LANE {
+            // A frame of a few bytes (a stream cut byte by byte): a loop costs less than a
+            // lane's comparisons.
+            let rest = self.bytes.get(from..)?;
+            return rest
+                .iter()
+                .position(|&b| set.holds(b))
+                .map(|pos| from + pos);
+        }
         let mut block = from / BLOCK;
         // Bits of the first block below `from` are not looked at.
         let mut above = u64::MAX << (from % BLOCK);
