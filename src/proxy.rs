@@ -359,7 +359,6 @@ async fn forward(
         rate: rate.map(|(meters, _)| meters),
         view: view.clone(),
         admitted: now.date_naive(),
-        project: who.project,
         who,
         state: project_state.clone(),
         credential: credential.name.clone(),
@@ -753,8 +752,7 @@ struct Settlement {
     view: Arc<View>,
     /// The UTC day the request was admitted: its ledger row.
     admitted: chrono::NaiveDate,
-    project: usize,
-    /// The credential, in `live`'s config.
+    /// The project and credential, in `view`'s config.
     who: crate::config::CredentialRef,
     state: Arc<ProjectState>,
     credential: Arc<str>,
@@ -791,7 +789,7 @@ impl Settlement {
         match &self.reservation {
             Some(r) => Some(r.period().snapshot()),
             None => {
-                let project = self.view.live.config.projects.get(self.project)?;
+                let project = self.view.live.config.projects.get(self.who.project)?;
                 let kind = project.budget.map(|b| b.period)?;
                 Some(self.state.account.period(kind, Utc::now()).snapshot())
             }
@@ -818,13 +816,7 @@ impl Settlement {
         let view = self.view.clone();
         if let Some((label, micro_usd)) = self.charge(&view, &usage, None) {
             if usage.total() > 0 {
-                match self.slot(label, false) {
-                    Some(slot) => slot.usage.add(&usage, micro_usd),
-                    None => self
-                        .state
-                        .cell(&self.credential, label)
-                        .add(&usage, micro_usd),
-                }
+                self.add_usage(label, &usage, micro_usd, false);
                 self.to_ledger(label, &usage, micro_usd);
             }
         }
@@ -851,6 +843,26 @@ impl Settlement {
         (Arc::ptr_eq(&kept.label, label) || kept.label == *label).then_some(kept)
     }
 
+    /// Adds to the credential's lifetime usage of `label`, through its slot when the slot holds
+    /// `label` (filling an empty one with `fill`, see [`Self::slot`]); returns that slot.
+    fn add_usage(
+        &self,
+        label: &Arc<str>,
+        usage: &Usage,
+        micro_usd: u64,
+        fill: bool,
+    ) -> Option<&UsageSlot> {
+        let slot = self.slot(label, fill);
+        match slot {
+            Some(slot) => slot.usage.add(usage, micro_usd),
+            None => self
+                .state
+                .cell(&self.credential, label)
+                .add(usage, micro_usd),
+        }
+        slot
+    }
+
     fn to_ledger(&self, model: &Arc<str>, usage: &Usage, micro_usd: u64) {
         let key = KeyRef {
             project: &self.state.name,
@@ -873,7 +885,7 @@ impl Settlement {
         usage: &Usage,
         reported_model: Option<&str>,
     ) -> Option<(&'v Arc<str>, u64)> {
-        let project = view.live.config.projects.get(self.project)?;
+        let project = view.live.config.projects.get(self.who.project)?;
         let model = reported_model.or(self.requested.as_deref());
         let pricing = &view.live.config.pricing;
         let (label, price) = match model.and_then(|m| pricing.entry(m)) {
@@ -927,7 +939,7 @@ impl Settlement {
         let Some((label, micro_usd)) = self.charge(&view, &usage, reported_model) else {
             return;
         };
-        let Some(project) = view.live.config.projects.get(self.project) else {
+        let Some(project) = view.live.config.projects.get(self.who.project) else {
             return;
         };
         let model = reported_model.or(self.requested.as_deref());
@@ -937,22 +949,10 @@ impl Settlement {
             self.status
         };
         let ok = status == StatusCode::OK.as_u16();
-        match self.slot(label, ok) {
-            Some(slot) => {
-                slot.usage.add(&usage, micro_usd);
-                if ok {
-                    // Relaxed: an independent monotonic counter, read only for metrics.
-                    slot.answered.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    self.state.count_request(label, status);
-                }
-            }
-            None => {
-                self.state
-                    .cell(&self.credential, label)
-                    .add(&usage, micro_usd);
-                self.state.count_request(label, status);
-            }
+        match self.add_usage(label, &usage, micro_usd, ok) {
+            // Relaxed: an independent monotonic counter, read only for metrics.
+            Some(slot) if ok => _ = slot.answered.fetch_add(1, Ordering::Relaxed),
+            _ => self.state.count_request(label, status),
         }
         self.to_ledger(label, &usage, micro_usd);
         let elapsed = self.started.elapsed();
