@@ -156,6 +156,21 @@ pub fn takes_stream_options(path: &str) -> bool {
     path == "/v1/chat/completions" || path == "/v1/completions"
 }
 
+/// Endpoints whose body is a JSON object that names a model: read as JSON whatever the
+/// `Content-Type` says, so that no header lets a model past the allowlist unread.
+pub fn takes_json(path: &str) -> bool {
+    matches!(
+        path,
+        "/v1/chat/completions"
+            | "/v1/completions"
+            | "/v1/responses"
+            | "/v1/embeddings"
+            | "/v1/moderations"
+            | "/v1/images/generations"
+            | "/v1/audio/speech"
+    )
+}
+
 /// Endpoints whose multipart body names a model.
 pub fn multipart_names_model(path: &str) -> bool {
     matches!(

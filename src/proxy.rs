@@ -3,9 +3,10 @@
 //! 1. **route**: only `/v1/...` is proxied; anything else is OpenAI's "Invalid URL" 404.
 //! 2. **authenticate** (`auth`): the bearer token's hash names a credential and its project;
 //!    401 for a missing, unknown, expired or disabled token, 403 for an archived project.
-//! 3. **inspect** (`inspect`): JSON bodies and the multipart bodies that name a model are read
-//!    (up to `server.max_body_bytes`, else 413) for the model, `stream` and the output cap;
-//!    other bodies (file uploads) stream through unread.
+//! 3. **inspect** (`inspect`): JSON bodies (and any POST body to an endpoint that takes JSON,
+//!    whatever its `Content-Type`) and the multipart bodies that name a model are read (up to
+//!    `server.max_body_bytes`, else 413) for the model, `stream` and the output cap; other
+//!    bodies (file uploads) stream through unread.
 //! 4. **check policy**: the model the body or path names must pass the project's allow and
 //!    deny lists (403 `model_not_found`); `GET /v1/models` is filtered to allowed models.
 //! 5. **reserve** (`budget`): a POST reserves its estimated tokens and dollars against the
@@ -455,12 +456,20 @@ enum BodyKind {
 }
 
 fn body_kind(parts: &Parts) -> BodyKind {
+    // A POST to an endpoint that takes JSON is read as JSON, whatever its `Content-Type` says
+    // (or if it has none): an upstream may read it as JSON anyway, and its model must pass the
+    // allowlist first. Anything else unreadable goes through as it is.
+    let otherwise = if parts.method == Method::POST && inspect::takes_json(parts.uri.path()) {
+        BodyKind::Json
+    } else {
+        BodyKind::Stream
+    };
     let Some(content_type) = parts
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
     else {
-        return BodyKind::Stream;
+        return otherwise;
     };
     let essence = content_type
         .split(';')
@@ -476,7 +485,7 @@ fn body_kind(parts: &Parts) -> BodyKind {
             return BodyKind::Multipart(boundary);
         }
     }
-    BodyKind::Stream
+    otherwise
 }
 
 /// Reads a body that must be inspected, refusing more than `max` bytes.

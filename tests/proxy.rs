@@ -239,6 +239,52 @@ async fn enforces_the_model_allowlist_with_openais_wording() {
 }
 
 #[tokio::test]
+async fn a_json_endpoint_reads_its_body_whatever_the_content_type_says() {
+    let (mock, proxy) = setup().await;
+    let auth = format!("Bearer {TOKEN}");
+    let url = proxy.url("/v1/chat/completions");
+    let body = |model: &str| Bytes::from(chat(model).to_string());
+    // No header may take a model past the allowlist unread.
+    for content_type in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        None,
+    ] {
+        let mut headers = vec![("authorization", auth.as_str())];
+        headers.extend(content_type.map(|c| ("content-type", c)));
+        let refused = send(Method::POST, &url, &headers, body("gpt-4.1-nano")).await;
+        assert_eq!(
+            refused.error(403)["code"],
+            "model_not_found",
+            "{content_type:?}"
+        );
+        let allowed = send(Method::POST, &url, &headers, body("gpt-4o-mini")).await;
+        assert_eq!(
+            allowed.status,
+            StatusCode::OK,
+            "{content_type:?}: {}",
+            allowed.text()
+        );
+        let unreadable = send(
+            Method::POST,
+            &url,
+            &headers,
+            Bytes::from_static(b"model=o3"),
+        )
+        .await;
+        assert_eq!(
+            unreadable.error(400)["type"],
+            "invalid_request_error",
+            "{content_type:?}"
+        );
+    }
+    // Only the three allowed requests reached the upstream.
+    assert_eq!(mock.requests().len(), 3);
+    let alpha = project(&proxy, "alpha").await;
+    assert_eq!(alpha["spent"]["requests"], 3);
+}
+
+#[tokio::test]
 async fn refuses_unreadable_and_oversized_bodies() {
     let (mock, proxy) = setup().await;
     let auth = format!("Bearer {TOKEN}");
