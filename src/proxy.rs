@@ -363,7 +363,11 @@ async fn forward(
         who,
         state: project_state.clone(),
         credential: credential.name.clone(),
-        requested: requested.map(str::to_owned),
+        // The body's model moves here (it is not read again); a path's is copied.
+        requested: inspected
+            .model
+            .take()
+            .or_else(|| path_model.map(str::to_owned)),
         reservation,
         estimate,
         status: 0,
@@ -464,28 +468,40 @@ fn body_kind(parts: &Parts) -> BodyKind {
     } else {
         BodyKind::Stream
     };
-    let Some(content_type) = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    else {
+    let Some(content_type) = parts.headers.get(header::CONTENT_TYPE) else {
         return otherwise;
     };
-    let essence = content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    if essence == "application/json" || essence.ends_with("+json") {
+    let essence = media_type(content_type);
+    if essence.eq_ignore_ascii_case(b"application/json")
+        || essence
+            .len()
+            .checked_sub(5)
+            .and_then(|at| essence.get(at..))
+            .is_some_and(|suffix| suffix.eq_ignore_ascii_case(b"+json"))
+    {
         return BodyKind::Json;
     }
-    if essence == "multipart/form-data" && inspect::multipart_names_model(parts.uri.path()) {
-        if let Ok(boundary) = multer::parse_boundary(content_type) {
+    if essence.eq_ignore_ascii_case(b"multipart/form-data")
+        && inspect::multipart_names_model(parts.uri.path())
+    {
+        if let Some(boundary) = content_type
+            .to_str()
+            .ok()
+            .and_then(|value| multer::parse_boundary(value).ok())
+        {
             return BodyKind::Multipart(boundary);
         }
     }
     otherwise
+}
+
+/// The media type of a `Content-Type` value, without its parameters or the space around it
+/// (`application/json` of `application/json; charset=utf-8`), as bytes: compared without a
+/// copy or a UTF-8 check.
+fn media_type(value: &HeaderValue) -> &[u8] {
+    let bytes = value.as_bytes();
+    let end = memchr::memchr(b';', bytes).unwrap_or(bytes.len());
+    bytes.get(..end).unwrap_or_default().trim_ascii()
 }
 
 /// Reads a body that must be inspected, refusing more than `max` bytes.
@@ -680,11 +696,10 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 fn response_format(headers: &HeaderMap) -> Option<Format> {
-    let content_type = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
-    let essence = content_type.split(';').next()?.trim();
-    if essence.eq_ignore_ascii_case("text/event-stream") {
+    let essence = media_type(headers.get(header::CONTENT_TYPE)?);
+    if essence.eq_ignore_ascii_case(b"text/event-stream") {
         Some(Format::Sse)
-    } else if essence.eq_ignore_ascii_case("application/json") {
+    } else if essence.eq_ignore_ascii_case(b"application/json") {
         Some(Format::Json)
     } else {
         None
@@ -1029,5 +1044,75 @@ impl std::fmt::Display for ErrorChain<'_> {
             source = err.source();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(method: Method, path: &str, content_type: Option<&[u8]>) -> String {
+        let mut request = Request::builder().method(method).uri(path);
+        if let Some(value) = content_type {
+            request = request.header(
+                header::CONTENT_TYPE,
+                HeaderValue::from_bytes(value).unwrap(),
+            );
+        }
+        match body_kind(&request.body(()).unwrap().into_parts().0) {
+            BodyKind::Json => "json".to_owned(),
+            BodyKind::Multipart(boundary) => format!("multipart {boundary}"),
+            BodyKind::Stream => "stream".to_owned(),
+        }
+    }
+
+    #[test]
+    fn body_kinds_by_media_type_and_endpoint() {
+        let post = |path: &str, value: &[u8]| kind(Method::POST, path, Some(value));
+        let chat = "/v1/chat/completions";
+        for json in [
+            &b"application/json"[..],
+            b"Application/JSON; charset=utf-8",
+            b" application/json ;x=1",
+            b"application/vnd.api+JSON",
+            b"application/json; x=\xff",
+        ] {
+            assert_eq!(post("/v1/files", json), "json", "{json:?}");
+        }
+        assert_eq!(
+            post(
+                "/v1/audio/transcriptions",
+                b"multipart/form-data; boundary=X"
+            ),
+            "multipart X"
+        );
+        assert_eq!(
+            post("/v1/files", b"multipart/form-data; boundary=X"),
+            "stream"
+        );
+        assert_eq!(post("/v1/files", b"application/jsonx"), "stream");
+        assert_eq!(post("/v1/files", b"json"), "stream");
+        // An endpoint that takes JSON is read as JSON, whatever the header says.
+        assert_eq!(post(chat, b"text/plain"), "json");
+        assert_eq!(post(chat, b"multipart/form-data; boundary=X"), "json");
+        assert_eq!(kind(Method::POST, chat, None), "json");
+        assert_eq!(kind(Method::GET, chat, Some(b"text/plain")), "stream");
+        assert_eq!(kind(Method::POST, "/v1/files", None), "stream");
+    }
+
+    #[test]
+    fn response_formats_by_media_type() {
+        let format = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
+            response_format(&headers)
+        };
+        assert_eq!(
+            format("text/event-stream; charset=utf-8"),
+            Some(Format::Sse)
+        );
+        assert_eq!(format("Application/Json"), Some(Format::Json));
+        assert_eq!(format("text/plain"), None);
+        assert_eq!(response_format(&HeaderMap::new()), None);
     }
 }
