@@ -291,7 +291,7 @@ fn spawn_proxy_threads(
                             return;
                         }
                     };
-                    let thread = Arc::new(state::ThreadView::new(state, client));
+                    let thread = state::ThreadView::new(state, client);
                     let handler = move |request| proxy::handle(thread.clone(), request);
                     let serving = server::serve(listener, tls, &config, handler, permits, shutdown);
                     tokio::select! {

@@ -7,14 +7,14 @@
 //! that loads one snapshot sees a matching set.
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use arc_swap::ArcSwap;
 
 use crate::config::{Config, CredentialRef};
 use crate::metrics::Metrics;
 use crate::projects::{ProjectState, Projects, UsageCell};
-use crate::store::Pending;
+use crate::store::{lock, Pending};
 use crate::upstream::Upstream;
 
 /// One config and the project state resolved for it.
@@ -44,7 +44,9 @@ pub struct View {
     pub upstream: Arc<Upstream>,
 }
 
-/// A proxy thread's [`View`], made anew when the live config was swapped.
+/// A proxy thread's [`View`], made anew when the live config is swapped ([`AppState::swap`]
+/// renews every thread's, so that a thread serving nothing does not keep the old config, and
+/// its keys, alive).
 #[derive(Debug)]
 pub struct ThreadView {
     app: Arc<AppState>,
@@ -53,17 +55,29 @@ pub struct ThreadView {
 }
 
 impl ThreadView {
-    pub fn new(app: Arc<AppState>, upstream: Arc<Upstream>) -> Self {
+    /// The view of a thread with `upstream` as its client, known to `app` from now on.
+    pub fn new(app: Arc<AppState>, upstream: Arc<Upstream>) -> Arc<Self> {
         let current = ArcSwap::from_pointee(View {
             app: app.clone(),
             live: app.live.load_full(),
             upstream: upstream.clone(),
         });
-        ThreadView {
+        let thread = Arc::new(ThreadView {
             app,
             upstream,
             current,
-        }
+        });
+        lock(&thread.app.threads).push(Arc::downgrade(&thread));
+        thread
+    }
+
+    /// Makes `live` this thread's view.
+    fn renew(&self, live: &Arc<Live>) {
+        self.current.store(Arc::new(View {
+            app: self.app.clone(),
+            live: live.clone(),
+            upstream: self.upstream.clone(),
+        }));
     }
 
     /// The thread's view of the current config. A request takes one at entry and keeps it.
@@ -114,6 +128,8 @@ pub struct AppState {
     pub pending: Arc<Pending>,
     pub alerts: crate::alerts::Alerts,
     pub ready: AtomicBool,
+    /// The proxy threads' views, renewed by [`AppState::swap`] (off the request path).
+    threads: Mutex<Vec<Weak<ThreadView>>>,
 }
 
 impl AppState {
@@ -133,13 +149,22 @@ impl AppState {
             pending: Arc::new(Pending::new()),
             alerts: crate::alerts::Alerts::default(),
             ready: AtomicBool::new(false),
+            threads: Mutex::new(Vec::new()),
         }))
     }
 
-    /// Swaps in a new, already validated config. Counters and in-flight requests are kept.
+    /// Swaps in a new, already validated config. Counters and in-flight requests are kept;
+    /// a request in flight keeps the config it started with.
     pub fn swap(&self, config: Config) {
-        let live = resolve(config, &self.projects, &self.metrics);
-        self.live.store(Arc::new(live));
+        let live = Arc::new(resolve(config, &self.projects, &self.metrics));
+        self.live.store(live.clone());
+        lock(&self.threads).retain(|thread| match thread.upgrade() {
+            Some(thread) => {
+                thread.renew(&live);
+                true
+            }
+            None => false,
+        });
     }
 }
 
@@ -162,5 +187,46 @@ fn resolve(config: Config, projects: &Projects, metrics: &Metrics) -> Live {
         other: Arc::from("other"),
         usage_slots: (0..slots).map(|_| OnceLock::new()).collect(),
         first_slot,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(key: &str) -> Config {
+        let toml = r#"
+[[projects]]
+name = "alpha"
+api_key_env = "KEY"
+
+[[projects.credentials]]
+name = "svc"
+token_sha256 = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+"#;
+        let source = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/x.toml"));
+        let key = key.to_owned();
+        crate::config::load_str(toml, source, &move |_| Some(key.clone())).unwrap()
+    }
+
+    #[test]
+    fn a_swap_renews_the_view_of_a_thread_that_serves_nothing() {
+        let app = AppState::new(config("sk-proj-old-0123456789")).unwrap();
+        let upstream = Arc::new(Upstream::new(&app.live.load().config.upstream).unwrap());
+        let thread = ThreadView::new(app.clone(), upstream);
+        let old = Arc::downgrade(&thread.load().live);
+        app.swap(config("sk-proj-new-0123456789"));
+        // No request since: the old config (and its key) is gone all the same.
+        assert!(old.upgrade().is_none());
+        assert!(Arc::ptr_eq(&thread.current.load().live, &app.live.load()));
+        // A request in flight keeps the config it started with.
+        let in_flight = thread.load();
+        app.swap(config("sk-proj-newer-0123456789"));
+        assert!(!Arc::ptr_eq(&in_flight.live, &app.live.load()));
+        assert!(Arc::ptr_eq(&thread.load().live, &app.live.load()));
+        // A thread that is gone is forgotten.
+        drop(thread);
+        app.swap(config("sk-proj-last-0123456789"));
+        assert!(lock(&app.threads).is_empty());
     }
 }

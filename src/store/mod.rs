@@ -454,7 +454,7 @@ impl Pending {
 
 /// A mutex guard, whether or not a panic poisoned it: the data are plain values that a panic
 /// cannot leave half-written.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
