@@ -152,24 +152,26 @@ impl ProjectState {
 
     pub fn count_request(&self, model: &Arc<str>, status: u16) {
         // Relaxed: independent monotonic counters, read only for metrics.
-        let key = (model.clone(), status);
-        if let Some(counter) = self.requests.get(&key) {
-            counter.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        self.requests
-            .entry(key)
-            .or_default()
-            .fetch_add(1, Ordering::Relaxed);
+        self.with_request_counter(model, status, |c| c.fetch_add(1, Ordering::Relaxed));
     }
 
     /// The counter of requests of `model` answered `status`.
     pub fn request_counter(&self, model: &Arc<str>, status: u16) -> Arc<AtomicU64> {
+        self.with_request_counter(model, status, Arc::clone)
+    }
+
+    /// `f` of the counter of requests of `model` answered `status`, made if new.
+    fn with_request_counter<R>(
+        &self,
+        model: &Arc<str>,
+        status: u16,
+        f: impl FnOnce(&Arc<AtomicU64>) -> R,
+    ) -> R {
         let key = (model.clone(), status);
         if let Some(counter) = self.requests.get(&key) {
-            return counter.clone();
+            return f(&counter);
         }
-        self.requests.entry(key).or_default().clone()
+        f(&self.requests.entry(key).or_default())
     }
 
     pub fn count_rejection(&self, reason: &'static str) {

@@ -474,9 +474,7 @@ fn body_kind(parts: &Parts) -> BodyKind {
     let essence = media_type(content_type);
     if essence.eq_ignore_ascii_case(b"application/json")
         || essence
-            .len()
-            .checked_sub(5)
-            .and_then(|at| essence.get(at..))
+            .get(essence.len().saturating_sub(5)..)
             .is_some_and(|suffix| suffix.eq_ignore_ascii_case(b"+json"))
     {
         return BodyKind::Json;

@@ -72,12 +72,14 @@ impl ThreadView {
     }
 
     /// Makes `live` this thread's view.
-    fn renew(&self, live: &Arc<Live>) {
-        self.current.store(Arc::new(View {
+    fn renew(&self, live: Arc<Live>) -> Arc<View> {
+        let view = Arc::new(View {
             app: self.app.clone(),
-            live: live.clone(),
+            live,
             upstream: self.upstream.clone(),
-        }));
+        });
+        self.current.store(view.clone());
+        view
     }
 
     /// The thread's view of the current config. A request takes one at entry and keeps it.
@@ -87,15 +89,9 @@ impl ThreadView {
         if Arc::ptr_eq(&view.live, &live) {
             return arc_swap::Guard::into_inner(view);
         }
-        // A reload: this thread's next view. Only this thread stores here; a request that
-        // raced it holds either view, each whole.
-        let fresh = Arc::new(View {
-            app: self.app.clone(),
-            live: arc_swap::Guard::into_inner(live),
-            upstream: self.upstream.clone(),
-        });
-        self.current.store(fresh.clone());
-        fresh
+        // A reload this thread saw before the swap renewed its view; a request that raced it
+        // holds either view, each whole.
+        self.renew(arc_swap::Guard::into_inner(live))
     }
 }
 
@@ -160,7 +156,7 @@ impl AppState {
         self.live.store(live.clone());
         lock(&self.threads).retain(|thread| match thread.upgrade() {
             Some(thread) => {
-                thread.renew(&live);
+                thread.renew(live.clone());
                 true
             }
             None => false,

@@ -291,14 +291,9 @@ impl JsonScanner {
             if input.get(at) != Some(&b'"') {
                 break;
             }
-            let Some(end) = index.next(at + 1, Set::QuoteOrBackslash) else {
+            let Some((key, end)) = self.whole_key(index, at) else {
                 break;
             };
-            if input.get(end) != Some(&b'"') {
-                break;
-            }
-            let key = input.get(at + 1..end).filter(|key| key.len() <= KEY_BUF);
-            let key = self.match_key(key);
             let colon = skip_whitespace(input, end + 1);
             if input.get(colon) != Some(&b':') {
                 break;
@@ -490,16 +485,26 @@ impl JsonScanner {
     /// without escapes, is read in one step; returns the bytes used, or 0 to leave the key to
     /// the byte-by-byte path.
     fn read_whole_key(&mut self, index: &mut Index<'_>, at: usize) -> usize {
-        let input = index.bytes();
-        match index.next(at + 1, Set::QuoteOrBackslash) {
-            Some(end) if input.get(end) == Some(&b'"') => {
-                let key = input.get(at + 1..end).filter(|key| key.len() <= KEY_BUF);
-                self.key = self.match_key(key);
+        match self.whole_key(index, at) {
+            Some((key, end)) => {
+                self.key = key;
                 self.expect_key = false;
                 end + 1 - at
             }
-            _ => 0,
+            None => 0,
         }
+    }
+
+    /// The key whose opening quote is at `at`, if it ends in the input without an escape, and
+    /// the index of its closing quote.
+    fn whole_key(&self, index: &mut Index<'_>, at: usize) -> Option<(Key, usize)> {
+        let end = index.next(at + 1, Set::QuoteOrBackslash)?;
+        let input = index.bytes();
+        if input.get(end) != Some(&b'"') {
+            return None;
+        }
+        let key = input.get(at + 1..end).filter(|key| key.len() <= KEY_BUF);
+        Some((self.match_key(key), end))
     }
 
     /// One byte outside any string.
@@ -870,9 +875,7 @@ struct PlainReader<'a> {
 
 impl<'a> PlainReader<'a> {
     fn skip_whitespace(&mut self) {
-        while self.bytes.get(self.at).is_some_and(|&b| is_whitespace(b)) {
-            self.at += 1;
-        }
+        self.at = skip_whitespace(self.bytes, self.at);
     }
 
     /// The next significant byte, consumed.
