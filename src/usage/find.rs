@@ -55,26 +55,22 @@ struct Masks {
 }
 
 impl Masks {
-    /// The masks of `block`, at most [`BLOCK`] bytes; bytes past its end match nothing.
+    /// The masks of `block`, at most [`BLOCK`] bytes; bytes past its end match nothing. All
+    /// four lanes are compared even for a short last block: a loop with a fixed count is
+    /// unrolled, and that is worth more than the lanes a short block could skip (inputs under
+    /// one lane never get here, see [`Index::next_in_blocks`]).
     fn of(block: &[u8]) -> Masks {
-        match <&[u8; BLOCK]>::try_from(block) {
-            Ok(full) => Masks::of_lanes(full, BLOCK / LANE),
+        let mut padded = [0u8; BLOCK];
+        let bytes = match <&[u8; BLOCK]>::try_from(block) {
+            Ok(full) => full,
             Err(_) => {
-                // The input's last block, padded with zeros (in no set); only the lanes that
-                // hold bytes are compared, so a frame of a few bytes costs one lane, not four.
-                let mut padded = [0u8; BLOCK];
                 let len = block.len().min(BLOCK);
                 if let (Some(dst), Some(src)) = (padded.get_mut(..len), block.get(..len)) {
                     dst.copy_from_slice(src);
                 }
-                Masks::of_lanes(&padded, len.div_ceil(LANE))
+                &padded
             }
-        }
-    }
-
-    /// The masks of the first `lanes` lanes of `bytes`.
-    #[inline(always)]
-    fn of_lanes(bytes: &[u8; BLOCK], lanes: usize) -> Masks {
+        };
         let quote = u8x16::splat(b'"');
         let backslash = u8x16::splat(b'\\');
         // `[` and `]` are `{` and `}` without bit 0x20, and no other byte becomes either with it.
@@ -84,7 +80,7 @@ impl Masks {
         let colon = u8x16::splat(b':');
         let comma = u8x16::splat(b',');
         let mut masks = Masks::default();
-        for (lane, chunk) in bytes.chunks_exact(LANE).take(lanes).enumerate() {
+        for (lane, chunk) in bytes.chunks_exact(LANE).enumerate() {
             let mut array = [0u8; LANE];
             array.copy_from_slice(chunk);
             let v = u8x16::from(array);
