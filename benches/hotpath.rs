@@ -501,10 +501,13 @@ fn metrics(c: &mut Criterion) -> Result<(), Error> {
 // ---------------------------------------------------------------------------------------------
 // Ledger
 
-/// `Ledger::write` of a flush's batch as the load bench makes it: 3,000 rows drawn at random
-/// from 20,000 (1,000 projects × 10 credentials × 2 models) that all exist already.
+/// The ledger's writes over a fold interval as the load bench makes them: 50 flushes (10 s at
+/// 200 ms) of 3,000 rows each, drawn at random from 20,000 keys (1,000 projects × 10
+/// credentials × 2 models) whose rows all exist already, then the fold that adds them to those
+/// rows. Throughput is per row written.
 fn ledger(c: &mut Criterion) -> Result<(), Error> {
     const ROWS: usize = 3_000;
+    const FLUSHES: usize = 50;
     let dir = tempfile::tempdir()?;
     let day = Utc::now().date_naive();
     let models: [Arc<str>; 2] = [Arc::from("gpt-4o-mini"), Arc::from("gpt-4.1-mini")];
@@ -528,18 +531,29 @@ fn ledger(c: &mut Criterion) -> Result<(), Error> {
     let every: Vec<(UsageKey, UsageDelta)> = keys.iter().map(|k| (k.clone(), delta)).collect();
     let mut ledger = Ledger::open(&dir.path().join("ledger.db"))?;
     ledger.write(&every)?;
+    ledger.fold()?;
     let mut rng = Rng(0x5eed);
     let mut group = c.benchmark_group("ledger");
-    group.throughput(Throughput::Elements(ROWS as u64));
-    group.bench_function("write 3,000 of 20,000 rows", |b| {
+    group.throughput(Throughput::Elements((FLUSHES * ROWS) as u64));
+    group.sample_size(10);
+    group.bench_function("50 writes of 3,000 of 20,000 rows, then a fold", |b| {
         b.iter_batched(
             || {
-                (0..ROWS)
-                    .map(|_| (keys[rng.below(keys.len())].clone(), delta))
+                (0..FLUSHES)
+                    .map(|_| {
+                        (0..ROWS)
+                            .map(|_| (keys[rng.below(keys.len())].clone(), delta))
+                            .collect::<Vec<_>>()
+                    })
                     .collect::<Vec<_>>()
             },
-            |batch| black_box(ledger.write(&batch)),
-            BatchSize::SmallInput,
+            |batches| {
+                for batch in &batches {
+                    black_box(ledger.write(batch))?;
+                }
+                black_box(ledger.fold())
+            },
+            BatchSize::LargeInput,
         )
     });
     group.finish();

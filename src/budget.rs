@@ -886,7 +886,7 @@ mod tests {
             let mut round = 0u64;
             while done.load(Ordering::Acquire) < 4 {
                 lease += slice.tokens.grant(50);
-                if round % 3 == 0 {
+                if round.is_multiple_of(3) {
                     lease -= slice.tokens.take_back(20);
                 }
                 round += 1;

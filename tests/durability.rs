@@ -411,8 +411,8 @@ impl Tokens {
         Tokens {
             input,
             output,
-            cached: if n % 3 == 0 { input / 2 } else { 0 },
-            reasoning: if n % 5 == 0 { output / 3 } else { 0 },
+            cached: if n.is_multiple_of(3) { input / 2 } else { 0 },
+            reasoning: if n.is_multiple_of(5) { output / 3 } else { 0 },
         }
     }
 

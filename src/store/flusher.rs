@@ -127,6 +127,13 @@ impl Writer {
                 }
                 Ok(Command::Shutdown(ack)) => {
                     let result = self.flush();
+                    if result.is_ok() {
+                        // A stopped ledger has everything in `usage` (the next start would
+                        // fold it otherwise).
+                        if let Err(err) = self.ledger.fold() {
+                            tracing::warn!(error = %err, "cannot fold the ledger's log at shutdown");
+                        }
+                    }
                     // Close the file before answering, so the caller sees a closed ledger.
                     drop(self);
                     let _ = ack.send(result);
@@ -272,10 +279,13 @@ mod tests {
         pending.add(key("a").parts(), &delta(1));
         flusher.flush_now().await.unwrap();
 
-        // Another connection hides the table: the next writes fail.
+        // Another connection makes the log refuse rows: the next writes fail.
         let admin = rusqlite::Connection::open(&path).unwrap();
         admin
-            .execute_batch("ALTER TABLE usage RENAME TO usage_hidden")
+            .execute_batch(
+                "CREATE TRIGGER refuse BEFORE INSERT ON usage_log \
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+            )
             .unwrap();
         pending.add(key("a").parts(), &delta(2));
         let e = flusher.flush_now().await.unwrap_err();
@@ -286,9 +296,7 @@ mod tests {
         assert!(flusher.flush_now().await.is_err());
         assert_eq!(failures.load(Ordering::Relaxed), 2);
 
-        admin
-            .execute_batch("ALTER TABLE usage_hidden RENAME TO usage")
-            .unwrap();
+        admin.execute_batch("DROP TRIGGER refuse").unwrap();
         flusher.flush_now().await.unwrap();
         let mut all = delta(1);
         all.add(&delta(2));

@@ -37,6 +37,19 @@ pub enum StoreError {
     },
     #[error("no ledger at {} (nothing recorded yet, or store.path points elsewhere)", .path.display())]
     Missing { path: PathBuf },
+    #[error(
+        "the ledger {} is in use by another tollgate process (it holds {}); give each process \
+         a ledger of its own",
+        .path.display(),
+        .lock.display()
+    )]
+    InUse { path: PathBuf, lock: PathBuf },
+    #[error("cannot lock the ledger {} ({}): {source}", .path.display(), .lock.display())]
+    Lock {
+        path: PathBuf,
+        lock: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot open the ledger {}: {source}", .path.display())]
     Open {
         path: PathBuf,

@@ -1,25 +1,35 @@
-//! The SQLite ledger: one row of usage per (project, credential, model, UTC day).
+//! The SQLite ledger: one row of usage per (project, credential, model, UTC day), and a log of
+//! the batches written since those rows were last brought up to date.
+//!
+//! A flush appends its batch to `usage_log` (new rows at the end of one table: a few pages
+//! written), and every [`FOLD_EVERY`] or [`FOLD_ROWS`] the log is folded into `usage` (each
+//! key's row updated once for all the batches since the last fold, instead of once per flush).
+//! Reads go through the `usage_all` view, which is both, so they never wait for a fold.
 //!
 //! Invariant: rows only grow, and a batch is written in one transaction that adds to them, so
-//! a write either counts the whole batch once or changes nothing and can be retried. Counts
+//! a write either counts the whole batch once or changes nothing and can be retried; a fold
+//! moves the log into `usage` in one transaction, so each delta is counted in exactly one of
+//! the two. Counts
 //! are stored as SQLite integers (`i64`); a `u64` that does not fit is saturated on the way in
 //! (no real count comes near 2^63) and a negative value read back is reported as corrupt.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
 use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
 
 use super::{StoreError, UsageDelta, UsageKey};
+use crate::maps::FastMap;
 
 /// The schema this build writes and reads, kept in SQLite's `user_version`.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// `MIGRATIONS[n]` takes a ledger from schema version `n` to `n + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [r#"
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
+    r#"
 CREATE TABLE usage (
     project             TEXT    NOT NULL,
     credential          TEXT    NOT NULL,
@@ -37,12 +47,64 @@ CREATE TABLE usage (
 CREATE INDEX usage_by_project_day ON usage (project, day);
 -- Reports over a range of days.
 CREATE INDEX usage_by_day ON usage (day);
-"#];
+"#,
+    r#"
+-- Batches appended by flushes and not yet folded into `usage` (see `Ledger::fold`).
+CREATE TABLE usage_log (
+    project             TEXT    NOT NULL,
+    credential          TEXT    NOT NULL,
+    model               TEXT    NOT NULL,
+    day                 TEXT    NOT NULL,
+    requests            INTEGER NOT NULL DEFAULT 0,
+    input_tokens        INTEGER NOT NULL DEFAULT 0,
+    cached_input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens       INTEGER NOT NULL DEFAULT 0,
+    reasoning_tokens    INTEGER NOT NULL DEFAULT 0,
+    micro_usd           INTEGER NOT NULL DEFAULT 0
+);
+-- What every read sums: the folded rows and the log.
+CREATE VIEW usage_all AS
+    SELECT project, credential, model, day, requests, input_tokens, cached_input_tokens,
+           output_tokens, reasoning_tokens, micro_usd FROM usage
+    UNION ALL
+    SELECT project, credential, model, day, requests, input_tokens, cached_input_tokens,
+           output_tokens, reasoning_tokens, micro_usd FROM usage_log;
+"#,
+];
+
+/// How often the log is folded into `usage` at most: the longer, the fewer times a busy key's
+/// row is rewritten (once per fold rather than once per flush).
+pub const FOLD_EVERY: Duration = Duration::from_secs(10);
+
+/// How many log rows make a fold due before [`FOLD_EVERY`]: bounds the log (and what a read
+/// scans of it) under a heavy load of many keys.
+pub const FOLD_ROWS: u64 = 200_000;
+
+const APPEND: &str = "
+INSERT INTO usage_log (project, credential, model, day, requests, input_tokens,
+                       cached_input_tokens, output_tokens, reasoning_tokens, micro_usd)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 
 const UPSERT: &str = "
 INSERT INTO usage (project, credential, model, day, requests, input_tokens,
                    cached_input_tokens, output_tokens, reasoning_tokens, micro_usd)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+ON CONFLICT (project, credential, model, day) DO UPDATE SET
+    requests            = requests            + excluded.requests,
+    input_tokens        = input_tokens        + excluded.input_tokens,
+    cached_input_tokens = cached_input_tokens + excluded.cached_input_tokens,
+    output_tokens       = output_tokens       + excluded.output_tokens,
+    reasoning_tokens    = reasoning_tokens    + excluded.reasoning_tokens,
+    micro_usd           = micro_usd           + excluded.micro_usd";
+
+/// Adds the log's sums to `usage`, one row per key (`WHERE true`: SQLite's way to keep an
+/// upsert's `ON` apart from the `SELECT`).
+const FOLD: &str = "
+INSERT INTO usage (project, credential, model, day, requests, input_tokens,
+                   cached_input_tokens, output_tokens, reasoning_tokens, micro_usd)
+SELECT project, credential, model, day, SUM(requests), SUM(input_tokens),
+       SUM(cached_input_tokens), SUM(output_tokens), SUM(reasoning_tokens), SUM(micro_usd)
+FROM usage_log WHERE true GROUP BY project, credential, model, day
 ON CONFLICT (project, credential, model, day) DO UPDATE SET
     requests            = requests            + excluded.requests,
     input_tokens        = input_tokens        + excluded.input_tokens,
@@ -66,7 +128,16 @@ const DAY_FORMAT: &str = "%Y-%m-%d";
 #[derive(Debug)]
 pub struct Ledger {
     conn: Connection,
+    /// A writer's lock on `<path>.lock`: one writer per ledger, since a fold deletes the whole
+    /// log and adds the sums this writer logged (another writer's rows would go uncounted).
+    _lock: Option<std::fs::File>,
     path: PathBuf,
+    /// Rows in `usage_log`.
+    logged: u64,
+    /// When the log was last folded (or the ledger opened).
+    folded: Instant,
+    /// The sums of what this process logged since the last fold.
+    unfolded: FastMap<UsageKey, UsageDelta>,
 }
 
 /// What [`Ledger::report`] sums and how it groups.
@@ -156,9 +227,10 @@ impl ReportRow {
 }
 
 impl Ledger {
-    /// Opens the ledger at `path`, creating it and its directory when missing, in WAL mode
-    /// with `synchronous = NORMAL` (a power cut may lose the last writes, never corrupt the
-    /// file), and brings its schema up to [`SCHEMA_VERSION`].
+    /// Opens the ledger at `path` for writing, creating it and its directory when missing, in
+    /// WAL mode with `synchronous = FULL` (a write is on disk when it commits), brings its
+    /// schema up to [`SCHEMA_VERSION`] and folds the log a previous run left. One writer at a
+    /// time: a second one is refused ([`StoreError::InUse`]) while the first holds the file.
     pub fn open(path: &Path) -> Result<Ledger, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
@@ -166,6 +238,7 @@ impl Ledger {
                 source,
             })?;
         }
+        let lock = lock(path)?;
         let open_err = |source| StoreError::Open {
             path: path.to_path_buf(),
             source,
@@ -184,11 +257,24 @@ impl Ledger {
         // only at checkpoints, and a power loss could take back everything written since one.
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(open_err)?;
+        // The fold's GROUP BY sorts in memory, not in a temporary file.
+        conn.pragma_update(None, "temp_store", "MEMORY")
+            .map_err(open_err)?;
         migrate(&mut conn, path)?;
-        Ok(Ledger {
+        let logged: i64 = conn
+            .query_row("SELECT COUNT(*) FROM usage_log", [], |row| row.get(0))
+            .map_err(open_err)?;
+        let mut ledger = Ledger {
             conn,
+            _lock: Some(lock),
             path: path.to_path_buf(),
-        })
+            logged: u64::try_from(logged).unwrap_or(0),
+            folded: Instant::now(),
+            unfolded: FastMap::default(),
+        };
+        // What the last run logged and did not fold.
+        ledger.fold()?;
+        Ok(ledger)
     }
 
     /// Opens an existing ledger for reading only (reports): never creates or migrates it, and
@@ -220,7 +306,11 @@ impl Ledger {
         }
         Ok(Ledger {
             conn,
+            _lock: None,
             path: path.to_path_buf(),
+            logged: 0,
+            folded: Instant::now(),
+            unfolded: FastMap::default(),
         })
     }
 
@@ -229,7 +319,9 @@ impl Ledger {
         &self.path
     }
 
-    /// Adds every delta of `batch` to its row, in one transaction: all or nothing.
+    /// Adds every delta of `batch` to the ledger, in one transaction: all or nothing. The batch
+    /// is appended to the log, which is folded into `usage` when a fold is due (a failed fold
+    /// is logged and tried again at the next write: the batch is written either way).
     pub fn write(&mut self, batch: &[(UsageKey, UsageDelta)]) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
@@ -246,7 +338,7 @@ impl Ledger {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(write_err)?;
         {
-            let mut upsert = tx.prepare_cached(UPSERT).map_err(write_err)?;
+            let mut append = tx.prepare_cached(APPEND).map_err(write_err)?;
             // A batch is mostly one day: formatted again only when a row's day differs from the
             // previous row's, not for every row.
             let mut day: Option<(NaiveDate, String)> = None;
@@ -255,7 +347,7 @@ impl Ledger {
                     Some((date, text)) if *date == key.day => text,
                     _ => &day.insert((key.day, day_text(key.day))).1,
                 };
-                upsert
+                append
                     .execute(params![
                         &*key.project,
                         &*key.credential,
@@ -271,7 +363,73 @@ impl Ledger {
                     .map_err(write_err)?;
             }
         }
-        tx.commit().map_err(write_err)
+        tx.commit().map_err(write_err)?;
+        self.logged += batch.len() as u64;
+        for (key, delta) in batch {
+            match self.unfolded.get_mut(key) {
+                Some(sum) => sum.add(delta),
+                None => {
+                    self.unfolded.insert(key.clone(), *delta);
+                }
+            }
+        }
+        if self.logged >= FOLD_ROWS || self.folded.elapsed() >= FOLD_EVERY {
+            if let Err(err) = self.fold() {
+                tracing::warn!(error = %err, "cannot fold the ledger's log; trying again later");
+            }
+        }
+        Ok(())
+    }
+
+    /// Folds the log into `usage`, in one transaction: each key's row gets the log's sums and
+    /// the log is emptied.
+    pub fn fold(&mut self) -> Result<(), StoreError> {
+        self.folded = Instant::now();
+        if self.logged == 0 {
+            return Ok(());
+        }
+        let path = &self.path;
+        let write_err = |source| StoreError::Write {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(write_err)?;
+        if self.unfolded.is_empty() {
+            // A log this process did not write (the last run's): summed by SQLite.
+            tx.prepare_cached(FOLD)
+                .and_then(|mut fold| fold.execute([]))
+                .map_err(write_err)?;
+        } else {
+            // The log is exactly what this process wrote since the last fold: its sums are at
+            // hand, one upsert per key.
+            let mut upsert = tx.prepare_cached(UPSERT).map_err(write_err)?;
+            for (key, delta) in &self.unfolded {
+                upsert
+                    .execute(params![
+                        &*key.project,
+                        &*key.credential,
+                        &*key.model,
+                        day_text(key.day),
+                        int(delta.requests),
+                        int(delta.input_tokens),
+                        int(delta.cached_input_tokens),
+                        int(delta.output_tokens),
+                        int(delta.reasoning_tokens),
+                        int(delta.micro_usd),
+                    ])
+                    .map_err(write_err)?;
+            }
+        }
+        tx.prepare_cached("DELETE FROM usage_log")
+            .and_then(|mut delete| delete.execute([]))
+            .map_err(write_err)?;
+        tx.commit().map_err(write_err)?;
+        self.logged = 0;
+        self.unfolded.clear();
+        Ok(())
     }
 
     /// `project`'s usage over the days `[from, until)` (`until = None`: no end).
@@ -282,7 +440,7 @@ impl Ledger {
         until: Option<NaiveDate>,
     ) -> Result<UsageDelta, StoreError> {
         let sql = format!(
-            "SELECT {SUMS} FROM usage WHERE project = ?1 AND day >= ?2 AND (?3 IS NULL OR day < ?3)"
+            "SELECT {SUMS} FROM usage_all WHERE project = ?1 AND day >= ?2 AND (?3 IS NULL OR day < ?3)"
         );
         let sums = self
             .conn
@@ -324,7 +482,7 @@ impl Ledger {
             sql.push_str(", ");
         }
         sql.push_str(SUMS);
-        sql.push_str(" FROM usage");
+        sql.push_str(" FROM usage_all");
         if !conditions.is_empty() {
             sql.push_str(" WHERE ");
             sql.push_str(&conditions.join(" AND "));
@@ -407,6 +565,32 @@ impl Ledger {
             what: "day",
             value: text.to_owned(),
         })
+    }
+}
+
+/// Takes the writer's lock of the ledger at `path`, held for as long as the file lives.
+fn lock(path: &Path) -> Result<std::fs::File, StoreError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock = PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock);
+    let lock_err = |source| StoreError::Lock {
+        path: path.to_path_buf(),
+        lock: lock.clone(),
+        source,
+    };
+    let file = file.map_err(lock_err)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse {
+            path: path.to_path_buf(),
+            lock,
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(lock_err(source)),
     }
 }
 
@@ -764,16 +948,172 @@ mod tests {
             assert!(
                 matches!(
                     e,
-                    StoreError::UnknownSchema {
-                        found: 2,
-                        known: 1,
-                        ..
-                    }
+                    StoreError::UnknownSchema { found, known, .. }
+                        if found == SCHEMA_VERSION + 1 && known == SCHEMA_VERSION
                 ),
                 "{e}"
             );
-            assert!(e.to_string().contains("schema version 2"), "{e}");
+            let expected = format!("schema version {}", SCHEMA_VERSION + 1);
+            assert!(e.to_string().contains(&expected), "{e}");
         }
+    }
+
+    /// (rows in `usage`, rows in `usage_log`)
+    fn rows(ledger: &Ledger) -> (i64, i64) {
+        let count = |table: &str| {
+            ledger
+                .conn
+                .query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        (count("usage"), count("usage_log"))
+    }
+
+    /// Every row of the ledger, summed by key, as reads see them.
+    fn everything(ledger: &Ledger) -> Vec<ReportRow> {
+        ledger
+            .report(&ReportQuery {
+                by: Dimension::ALL.to_vec(),
+                ..ReportQuery::default()
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn a_batch_is_read_from_the_log_before_a_fold_and_counted_once_after() {
+        let (_dir, mut ledger) = ledger();
+        let batch = sample();
+        ledger.write(&batch).unwrap();
+        assert_eq!(rows(&ledger), (0, batch.len() as i64), "logged, not folded");
+        let logged = everything(&ledger);
+        assert_eq!(logged.len(), batch.len());
+        ledger.fold().unwrap();
+        assert_eq!(rows(&ledger), (batch.len() as i64, 0));
+        assert_eq!(everything(&ledger), logged, "a fold changes no read");
+
+        // Logged twice and once more after a fold: each key's row has all three.
+        ledger.write(&batch).unwrap();
+        ledger.write(&batch).unwrap();
+        ledger.fold().unwrap();
+        ledger.write(&batch).unwrap();
+        assert_eq!(rows(&ledger), (batch.len() as i64, batch.len() as i64));
+        for (row, once) in everything(&ledger).iter().zip(&logged) {
+            let mut four = once.usage;
+            for _ in 0..3 {
+                four.add(&once.usage);
+            }
+            assert_eq!(row.usage, four, "{row:?}");
+        }
+        assert_eq!(
+            ledger.spend("search", day("2026-11-25"), None).unwrap(),
+            [2, 3, 5, 6, 8, 9, 11, 12]
+                .into_iter()
+                .map(|n| delta(4 * n))
+                .fold(UsageDelta::default(), |mut sum, d| {
+                    sum.add(&d);
+                    sum
+                }),
+        );
+    }
+
+    #[test]
+    fn a_fold_is_due_after_its_interval() {
+        let (_dir, mut ledger) = ledger();
+        ledger.write(&sample()).unwrap();
+        assert_eq!(rows(&ledger).1, 24);
+        ledger.folded -= FOLD_EVERY;
+        ledger.write(&sample()[..1]).unwrap();
+        assert_eq!(rows(&ledger), (24, 0), "the write folded the log");
+    }
+
+    #[test]
+    fn the_log_a_crash_left_is_folded_at_the_next_open() {
+        let (dir, mut ledger) = ledger();
+        ledger.write(&sample()).unwrap();
+        ledger.fold().unwrap();
+        ledger.write(&sample()).unwrap();
+        let before = everything(&ledger);
+        // Gone without a fold, as after SIGKILL.
+        drop(ledger);
+        let ledger = Ledger::open(&dir.path().join("db/nested/tollgate.db")).unwrap();
+        assert_eq!(rows(&ledger), (24, 0));
+        assert_eq!(everything(&ledger), before);
+        assert_eq!(before[0].usage.requests % 2, 0, "both writes: {before:?}");
+    }
+
+    #[test]
+    fn a_failed_fold_keeps_the_log_and_loses_nothing() {
+        let (_dir, mut ledger) = ledger();
+        let batch = sample();
+        ledger.write(&batch).unwrap();
+        let once = everything(&ledger);
+        ledger
+            .conn
+            .execute_batch(
+                "CREATE TRIGGER refuse_insert BEFORE INSERT ON usage \
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+            )
+            .unwrap();
+        assert!(matches!(ledger.fold(), Err(StoreError::Write { .. })));
+        assert_eq!(rows(&ledger), (0, 24), "nothing moved");
+        assert_eq!(everything(&ledger), once);
+        // The write that makes the fold due again still writes its batch.
+        ledger.folded -= FOLD_EVERY;
+        ledger.write(&batch).unwrap();
+        assert_eq!(rows(&ledger), (0, 48));
+        ledger
+            .conn
+            .execute_batch("DROP TRIGGER refuse_insert")
+            .unwrap();
+        ledger.fold().unwrap();
+        assert_eq!(rows(&ledger), (24, 0));
+        for (row, once) in everything(&ledger).iter().zip(&once) {
+            let mut twice = once.usage;
+            twice.add(&once.usage);
+            assert_eq!(row.usage, twice, "{row:?}");
+        }
+    }
+
+    #[test]
+    fn a_second_writer_is_refused_while_the_first_holds_the_ledger() {
+        let (dir, mut first) = ledger();
+        let path = dir.path().join("db/nested/tollgate.db");
+        first.write(&sample()).unwrap();
+        let e = Ledger::open(&path).unwrap_err();
+        assert!(matches!(e, StoreError::InUse { .. }), "{e}");
+        assert!(e.to_string().contains("tollgate.db.lock"), "{e}");
+        // Readers are not writers.
+        let reader = Ledger::open_read_only(&path).unwrap();
+        assert_eq!(reader.report(&ReportQuery::default()).unwrap().len(), 1);
+        drop(first);
+        let second = Ledger::open(&path).unwrap();
+        assert_eq!(rows(&second), (24, 0));
+    }
+
+    #[test]
+    fn a_ledger_of_schema_1_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tollgate.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute(
+                "INSERT INTO usage VALUES ('p', 'c', 'm', '2026-11-26', 1, 2, 3, 4, 5, 6)",
+                [],
+            )
+            .unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let mut ledger = Ledger::open(&path).unwrap();
+        assert_eq!(user_version(&ledger.conn).unwrap(), SCHEMA_VERSION);
+        ledger
+            .write(&[(key("p", "c", "m", "2026-11-26"), delta(1))])
+            .unwrap();
+        let sum = ledger.spend("p", day("2026-11-26"), None).unwrap();
+        assert_eq!(
+            (sum.requests, sum.input_tokens, sum.micro_usd),
+            (2, 102, 1_006)
+        );
     }
 
     #[test]
