@@ -271,7 +271,18 @@ impl Metrics {
             .projects
             .iter()
             .zip(states.iter())
-            .map(|(project, state)| (project.budget, state.account.current().snapshot(), state))
+            .map(|(project, state)| {
+                let period = state.account.current();
+                let mut spend = period.snapshot();
+                // A budget shared through Redis is spent by all replicas: the gauge is the
+                // spend its limit is checked against (as of the last sync), the same on every
+                // replica, so that `max by (project)` reads the cluster's.
+                if let Some(shared) = period.slice().and_then(|slice| slice.view.load()) {
+                    spend.tokens = shared.spent_tokens;
+                    spend.micro_usd = shared.spent_micro_usd;
+                }
+                (project.budget, spend, state)
+            })
             .collect();
         family(
             &mut out,
@@ -293,7 +304,8 @@ impl Metrics {
             &mut out,
             "tollgate_budget_spent_tokens",
             "gauge",
-            "Tokens settled in the project's current budget period.",
+            "Tokens settled in the project's current budget period (with store.redis_url: by all \
+             replicas, as of the last sync).",
         );
         for (_, spend, state) in &budgets {
             let _ = writeln!(
@@ -323,7 +335,8 @@ impl Metrics {
             &mut out,
             "tollgate_budget_spent_usd",
             "gauge",
-            "USD settled in the project's current budget period.",
+            "USD settled in the project's current budget period (with store.redis_url: by all \
+             replicas, as of the last sync).",
         );
         for (_, spend, state) in &budgets {
             let _ = writeln!(

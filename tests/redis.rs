@@ -567,6 +567,31 @@ async fn three_replicas_never_pass_a_shared_budget() {
         task.await.unwrap();
     }
 
+    // Once every replica has synced what it settled, each one's budget gauge is the cluster's
+    // spend (what the limit is checked against), not its own share.
+    let gauge = format!("tollgate_budget_spent_tokens{{project=\"{project}\"}} ");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let cluster = field(&spent(SHARED_REDIS, &project).await, "tokens");
+        let mut shown = Vec::new();
+        for replica in &replicas {
+            let metrics = replica.metrics().await;
+            let value = metrics
+                .lines()
+                .find_map(|line| line.strip_prefix(&gauge))
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            shown.push(value);
+        }
+        if cluster > 0 && shown.iter().all(|v| *v == Some(cluster)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gauges {shown:?}, Redis {cluster}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     let ledgers_paths: Vec<PathBuf> = replicas.iter().map(|r| r.ledger.clone()).collect();
     for replica in replicas {
         let name = replica.name.clone();
