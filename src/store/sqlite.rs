@@ -347,20 +347,7 @@ impl Ledger {
                     Some((date, text)) if *date == key.day => text,
                     _ => &day.insert((key.day, day_text(key.day))).1,
                 };
-                append
-                    .execute(params![
-                        &*key.project,
-                        &*key.credential,
-                        &*key.model,
-                        text,
-                        int(delta.requests),
-                        int(delta.input_tokens),
-                        int(delta.cached_input_tokens),
-                        int(delta.output_tokens),
-                        int(delta.reasoning_tokens),
-                        int(delta.micro_usd),
-                    ])
-                    .map_err(write_err)?;
+                add_row(&mut append, key, text, delta).map_err(write_err)?;
             }
         }
         tx.commit().map_err(write_err)?;
@@ -407,20 +394,7 @@ impl Ledger {
             // hand, one upsert per key.
             let mut upsert = tx.prepare_cached(UPSERT).map_err(write_err)?;
             for (key, delta) in &self.unfolded {
-                upsert
-                    .execute(params![
-                        &*key.project,
-                        &*key.credential,
-                        &*key.model,
-                        day_text(key.day),
-                        int(delta.requests),
-                        int(delta.input_tokens),
-                        int(delta.cached_input_tokens),
-                        int(delta.output_tokens),
-                        int(delta.reasoning_tokens),
-                        int(delta.micro_usd),
-                    ])
-                    .map_err(write_err)?;
+                add_row(&mut upsert, key, &day_text(key.day), delta).map_err(write_err)?;
             }
         }
         tx.prepare_cached("DELETE FROM usage_log")
@@ -566,6 +540,27 @@ impl Ledger {
             value: text.to_owned(),
         })
     }
+}
+
+/// Runs `statement` (`APPEND` or `UPSERT`) for one key's delta, `day` being its day as text.
+fn add_row(
+    statement: &mut rusqlite::CachedStatement<'_>,
+    key: &UsageKey,
+    day: &str,
+    delta: &UsageDelta,
+) -> rusqlite::Result<usize> {
+    statement.execute(params![
+        &*key.project,
+        &*key.credential,
+        &*key.model,
+        day,
+        int(delta.requests),
+        int(delta.input_tokens),
+        int(delta.cached_input_tokens),
+        int(delta.output_tokens),
+        int(delta.reasoning_tokens),
+        int(delta.micro_usd),
+    ])
 }
 
 /// Takes the writer's lock of the ledger at `path`, held for as long as the file lives.
