@@ -1,13 +1,14 @@
 //! Listeners: the accept loop, TLS, HTTP/1.1 and HTTP/2 (h2c with prior knowledge, ALPN over
 //! TLS), connection limits and graceful drain.
 //!
-//! Invariant: every connection task is watched by the graceful-shutdown handle, so `serve`
-//! returns only when all connections are closed or the grace period has run out; a panic in
+//! Invariant: every connection task is owned by `serve`, which at shutdown asks each one to
+//! close gracefully and waits for them, so `serve` returns only when all connections are closed
+//! or the grace period has run out (the rest are cut); a panic in
 //! one request becomes a 500 for that request and never takes the process down. Every
 //! connection is under a timer at every phase: the TLS handshake and the first request head
 //! (`header_read_timeout`), later heads on a kept-alive connection (the same, see [`drive`]),
-//! idle keep-alive (`keepalive_idle_timeout`, hyper's header timer); bodies have theirs in
-//! `proxy` and `body`.
+//! idle keep-alive (`keepalive_idle_timeout`: hyper's header timer for HTTP/1.1, [`drive`]'s for
+//! HTTP/2); bodies have theirs in `proxy` and `body`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -25,7 +26,6 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -107,7 +107,12 @@ pub async fn serve<H, F>(
         .max_concurrent_streams(server.max_concurrent_streams)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    // Turns true when the connections are to finish what they serve and close.
+    let (close_all, closing) = watch::channel(false);
+    let timers = Timers {
+        header: server.header_read_timeout,
+        idle: server.keepalive_idle_timeout,
+    };
     // Every connection task is owned here, so that the ones still running when the grace
     // period ends are cut (and their requests settled) before `serve` returns.
     let mut connections = tokio::task::JoinSet::new();
@@ -156,14 +161,13 @@ pub async fn serve<H, F>(
             }
         });
         let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let header_timeout = server.header_read_timeout;
+        let mut closing = closing.clone();
         let tls = tls.clone();
         connections.spawn(async move {
             let stream = match tls {
                 None => Either::Left(stream),
                 Some(acceptor) => {
-                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                    match tokio::time::timeout(timers.header, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => Either::Right(stream),
                         Ok(Err(err)) => {
                             tracing::debug!(error = %err, "TLS handshake failed");
@@ -174,11 +178,15 @@ pub async fn serve<H, F>(
                 }
             };
             let io = TokioIo::new(Watched::new(stream, activity.clone()));
-            let connection = builder.serve_connection_with_upgrades(io, service);
+            let connection = builder
+                .serve_connection_with_upgrades(io, service)
+                .into_owned();
             let ended = drive(
-                watcher.watch(connection.into_owned()),
+                connection,
+                |connection| connection.graceful_shutdown(),
                 &activity,
-                header_timeout,
+                timers,
+                &mut closing,
             )
             .await;
             if let Some(Err(err)) = ended {
@@ -188,7 +196,9 @@ pub async fn serve<H, F>(
         });
     }
     drop(listener);
-    if tokio::time::timeout(server.shutdown_grace, graceful.shutdown())
+    let _ = close_all.send(true);
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(server.shutdown_grace, drained)
         .await
         .is_err()
     {
@@ -238,6 +248,11 @@ impl Activity {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// An HTTP/2 connection with no request in flight.
+    fn idle_http2(&self) -> bool {
+        self.http2.load(Ordering::Relaxed) && self.in_flight.load(Ordering::Relaxed) == 0
+    }
+
     fn head_begun(&self) -> bool {
         !self.http2.load(Ordering::Relaxed)
             && self.in_flight.load(Ordering::Relaxed) == 0
@@ -245,41 +260,79 @@ impl Activity {
     }
 }
 
+/// A connection's timeouts (`server.header_read_timeout_ms`, `keepalive_idle_timeout_ms`).
+#[derive(Debug, Clone, Copy)]
+struct Timers {
+    header: Duration,
+    idle: Duration,
+}
+
 /// Drives a connection to its end with the timers hyper does not have; `None` when it was cut.
+/// `close` asks the connection to finish what it serves and close (hyper's graceful shutdown:
+/// an HTTP/2 GOAWAY, or the end of keep-alive); it is called once, when `closing` turns true or
+/// an HTTP/2 connection has been idle long enough.
 ///
-/// - The first request's head must arrive within `header_timeout` of the connection (after the
+/// - The first request's head must arrive within `timers.header` of the connection (after the
 ///   TLS handshake): a silent or dripping client is cut.
 /// - On a kept-alive HTTP/1.1 connection, a request head begun after a response must be
-///   complete within `header_timeout` too: checked every `header_timeout / 2`, so it is cut
-///   between 1 and 1.5 times `header_timeout` after its first byte.
-/// - An idle kept-alive connection is closed by hyper after `keepalive_idle_timeout`.
-async fn drive<F: Future>(
-    connection: F,
+///   complete within `timers.header` too: checked every `timers.header / 2`, so it is cut
+///   between 1 and 1.5 times `timers.header` after its first byte.
+/// - An idle kept-alive HTTP/1.1 connection is closed by hyper after `timers.idle`; an HTTP/2
+///   connection with no request in flight for `timers.idle` (checked at the same ticks) is
+///   closed here, gracefully, since hyper's pings would keep it open forever.
+async fn drive<C: Future>(
+    connection: C,
+    close: impl Fn(Pin<&mut C>),
     activity: &Activity,
-    header_timeout: Duration,
-) -> Option<F::Output> {
+    timers: Timers,
+    closing: &mut watch::Receiver<bool>,
+) -> Option<C::Output> {
     tokio::pin!(connection);
-    tokio::select! {
-        ended = &mut connection => return Some(ended),
-        () = tokio::time::sleep(header_timeout) => {}
+    let mut closed = false;
+    let first_head = tokio::time::sleep(timers.header);
+    tokio::pin!(first_head);
+    loop {
+        tokio::select! {
+            ended = &mut connection => return Some(ended),
+            () = &mut first_head => break,
+            () = stopping(closing), if !closed => {
+                close(connection.as_mut());
+                closed = true;
+            }
+        }
     }
     if !activity.served.load(Ordering::Relaxed) {
         return None;
     }
-    let tick = (header_timeout / 2).max(Duration::from_millis(5));
+    let tick = (timers.header / 2).max(Duration::from_millis(5));
     let mut head_seen: Option<tokio::time::Instant> = None;
+    let mut idle_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             ended = &mut connection => return Some(ended),
             () = tokio::time::sleep(tick) => {}
+            () = stopping(closing), if !closed => {
+                close(connection.as_mut());
+                closed = true;
+                continue;
+            }
         }
         if activity.head_begun() {
             let seen = *head_seen.get_or_insert_with(tokio::time::Instant::now);
-            if seen.elapsed() >= header_timeout {
+            if seen.elapsed() >= timers.header {
                 return None;
             }
         } else {
             head_seen = None;
+        }
+        if activity.idle_http2() {
+            let since = *idle_since.get_or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() >= timers.idle && !closed {
+                close(connection.as_mut());
+                closed = true;
+            }
+        } else {
+            idle_since = None;
         }
     }
 }

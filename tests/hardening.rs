@@ -654,6 +654,60 @@ async fn read_one_response(stream: &mut TcpStream) -> u16 {
     }
 }
 
+/// HTTP/2 has no idle timer in hyper (it pings the client, which keeps the connection open
+/// for as long as the client answers): a connection with no request in flight for
+/// `keepalive_idle_timeout_ms` is closed with a GOAWAY, and a request slower than that is not
+/// cut by it.
+#[tokio::test]
+async fn idle_http2_connections_are_closed_after_the_keepalive_timeout() {
+    let idle = Duration::from_millis(600);
+    let (_mock, proxy) = setup(&Knobs {
+        server: "header_read_timeout_ms = 200\nkeepalive_idle_timeout_ms = 600",
+        ..Knobs::default()
+    })
+    .await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+
+    // Twice the idle timeout upstream: the request is in flight all along, and served whole.
+    let request = Request::post(format!("http://{}/v1/chat/completions", proxy.addr))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-type", "application/json")
+        .header("x-mock-delay-ms", "1200")
+        .body(Full::new(chat_body(false, false)))
+        .unwrap();
+    let response = timeout(Duration::from_secs(5), sender.send_request(request))
+        .await
+        .expect("an answer in time")
+        .expect("served, not cut");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let usage: Value = serde_json::from_slice(&body).unwrap();
+    assert!(usage["usage"]["total_tokens"].is_u64(), "{usage}");
+    let answered = Instant::now();
+
+    // Then idle: the server closes the connection, cleanly, after about the idle timeout.
+    let ended = timeout(idle * 2 + MARGIN, connection)
+        .await
+        .expect("an idle HTTP/2 connection is closed after the keep-alive timeout");
+    let idle_for = answered.elapsed();
+    assert!(
+        matches!(ended, Ok(Ok(()))),
+        "closed with an error: {ended:?}"
+    );
+    assert!(
+        idle_for >= idle.mul_f32(0.8),
+        "closed after {idle_for:?} idle; the keep-alive timeout is {idle:?}"
+    );
+    assert_serves(&proxy).await;
+}
+
 /// Keep-alive: an idle connection stays open for `keepalive_idle_timeout_ms`, not just the
 /// header timeout, then is closed; a request head begun on it must still be complete within
 /// the header timeout (checked every half of it, so cut within 1 to 1.5 times it).
