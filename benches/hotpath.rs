@@ -471,8 +471,8 @@ fn metrics(c: &mut Criterion) -> Result<(), Error> {
             project_state.count_request(&models[0], 429);
             project_state.count_rejection("budget_exceeded");
         }
-        project_state.duration.observe(0.25);
-        project_state.first_byte.observe(0.1);
+        project_state.duration.observe(Duration::from_millis(250));
+        project_state.first_byte.observe(Duration::from_millis(100));
     }
     state.unauthenticated.count_rejection("invalid_token");
     let scrape = state.metrics.render(&live, &state.unauthenticated);

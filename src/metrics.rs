@@ -1,6 +1,6 @@
-//! Prometheus metrics. Histograms are prometheus handles resolved per project when the project
-//! first appears; counters and gauges are read from the projects' own atomics at scrape time,
-//! so the request path never formats a label or takes a registry lock.
+//! Prometheus metrics. Counters and gauges are read from the projects' own atomics at scrape
+//! time, and so are the latency histograms ([`Latency`], two per project), so the request path
+//! never formats a label, takes a registry lock or looks a series up.
 //!
 //! Invariant: label values are bounded: projects come from the config, models are a pricing
 //! entry or an exact allowlist name or `other`, codes are HTTP statuses, reasons are the fixed
@@ -8,66 +8,107 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, Registry, TextEncoder};
+use prometheus::proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::{Encoder, TextEncoder};
 
 use crate::pricing::format_usd as usd;
 use crate::projects::ProjectState;
 use crate::state::Live;
 
-const LATENCY_BUCKETS: &[f64] = &[
+/// The upper bounds of the latency buckets, in seconds (the `le` labels).
+const LATENCY_BUCKETS: [f64; 15] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
-#[derive(Debug)]
+/// The same bounds in nanoseconds, for [`Latency::observe`].
+const LATENCY_BOUNDS_NANOS: [u64; 15] = {
+    let mut nanos = [0; 15];
+    let mut i = 0;
+    while i < nanos.len() {
+        nanos[i] = (LATENCY_BUCKETS[i] * 1e9) as u64;
+        i += 1;
+    }
+    nanos
+};
+
+/// A latency histogram of one project: the observations per bucket (not cumulative; the last
+/// one is `+Inf`) and their sum. One cache line holds the sum and the buckets up to 0.5 s, so
+/// an observation writes one or two lines of the project's own state, with two relaxed adds.
+#[derive(Debug, Default)]
+#[repr(C, align(64))]
+pub struct Latency {
+    sum_nanos: AtomicU64,
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+}
+
+impl Latency {
+    pub fn observe(&self, elapsed: Duration) {
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        let bucket = LATENCY_BOUNDS_NANOS.partition_point(|&bound| bound < nanos);
+        // Relaxed: independent monotonic counters, read only for metrics.
+        if let Some(count) = self.buckets.get(bucket) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// Prometheus's form: cumulative buckets, the count (the `+Inf` bucket) and the sum in
+    /// seconds, from one read of each counter.
+    fn histogram(&self) -> Histogram {
+        let mut cumulative = 0u64;
+        let mut buckets = Vec::with_capacity(LATENCY_BUCKETS.len());
+        for (count, le) in self.buckets.iter().zip(LATENCY_BUCKETS) {
+            cumulative += count.load(Ordering::Relaxed);
+            let mut bucket = Bucket::default();
+            bucket.set_cumulative_count(cumulative);
+            bucket.set_upper_bound(le);
+            buckets.push(bucket);
+        }
+        if let Some(last) = self.buckets.last() {
+            cumulative += last.load(Ordering::Relaxed);
+        }
+        let mut histogram = Histogram::default();
+        histogram.set_bucket(buckets);
+        histogram.set_sample_count(cumulative);
+        histogram.set_sample_sum(self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9);
+        histogram
+    }
+}
+
+/// One histogram family over `states`, `latency` picking each project's histogram.
+fn latency_family<'a>(
+    name: &str,
+    help: &str,
+    states: impl Iterator<Item = &'a ProjectState>,
+    latency: impl Fn(&ProjectState) -> &Latency,
+) -> MetricFamily {
+    let mut family = MetricFamily::default();
+    family.set_name(name.to_owned());
+    family.set_help(help.to_owned());
+    family.set_field_type(MetricType::HISTOGRAM);
+    for state in states {
+        let mut label = LabelPair::default();
+        label.set_name("project".to_owned());
+        label.set_value(state.name.to_string());
+        let mut metric = Metric::default();
+        metric.set_label(vec![label]);
+        metric.set_histogram(latency(state).histogram());
+        family.mut_metric().push(metric);
+    }
+    family
+}
+
+#[derive(Debug, Default)]
 pub struct Metrics {
-    registry: Registry,
-    duration: HistogramVec,
-    first_byte: HistogramVec,
     /// Failed syncs with Redis (shared budgets).
     redis_errors: AtomicU64,
 }
 
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
-        let duration = HistogramVec::new(
-            HistogramOpts::new(
-                "tollgate_request_duration_seconds",
-                "Time from a request's arrival to the end of its response body.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["project"],
-        );
-        let first_byte = HistogramVec::new(
-            HistogramOpts::new(
-                "tollgate_upstream_first_byte_seconds",
-                "Time from forwarding a request to the upstream's response headers.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["project"],
-        );
-        // The options above are static and valid; registration of fresh names cannot clash.
-        let (duration, first_byte) = match (duration, first_byte) {
-            (Ok(d), Ok(f)) => (d, f),
-            _ => unreachable_metrics(),
-        };
-        let _ = registry.register(Box::new(duration.clone()));
-        let _ = registry.register(Box::new(first_byte.clone()));
-        Metrics {
-            registry,
-            duration,
-            first_byte,
-            redis_errors: AtomicU64::new(0),
-        }
-    }
-
-    pub fn request_duration(&self, project: &str) -> Histogram {
-        self.duration.with_label_values(&[project])
-    }
-
-    pub fn upstream_first_byte(&self, project: &str) -> Histogram {
-        self.first_byte.with_label_values(&[project])
+        Metrics::default()
     }
 
     /// Counts a failed sync with Redis.
@@ -391,27 +432,27 @@ impl Metrics {
             );
         }
 
+        let all = || states.iter().map(|s| &**s).chain([unauthenticated]);
+        let families = [
+            latency_family(
+                "tollgate_request_duration_seconds",
+                "Time from a request's arrival to the end of its response body.",
+                all(),
+                |state| &state.duration,
+            ),
+            latency_family(
+                "tollgate_upstream_first_byte_seconds",
+                "Time from forwarding a request to the upstream's response headers.",
+                all(),
+                |state| &state.first_byte,
+            ),
+        ];
         let mut encoded = Vec::new();
-        if TextEncoder::new()
-            .encode(&self.registry.gather(), &mut encoded)
-            .is_ok()
-        {
+        if TextEncoder::new().encode(&families, &mut encoded).is_ok() {
             out.push_str(&String::from_utf8_lossy(&encoded));
         }
         out
     }
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-#[cold]
-fn unreachable_metrics() -> ! {
-    tracing::error!("static metric definitions were refused; this is a bug");
-    std::process::exit(70)
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -433,5 +474,53 @@ impl std::fmt::Display for Esc<'_> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_are_cumulative_with_the_sum_in_seconds() {
+        let state = ProjectState::unauthenticated();
+        for millis in [1, 5, 7, 300, 700, 400_000] {
+            state.duration.observe(Duration::from_millis(millis));
+        }
+        let family = latency_family("t", "help", [&state].into_iter(), |s| &s.duration);
+        let mut text = Vec::new();
+        TextEncoder::new().encode(&[family], &mut text).unwrap();
+        let text = String::from_utf8(text).unwrap();
+        for line in [
+            "t_bucket{project=\"\",le=\"0.005\"} 2",
+            "t_bucket{project=\"\",le=\"0.01\"} 3",
+            "t_bucket{project=\"\",le=\"0.25\"} 3",
+            "t_bucket{project=\"\",le=\"0.5\"} 4",
+            "t_bucket{project=\"\",le=\"1\"} 5",
+            "t_bucket{project=\"\",le=\"300\"} 5",
+            "t_bucket{project=\"\",le=\"+Inf\"} 6",
+            "t_sum{project=\"\"} 401.013",
+            "t_count{project=\"\"} 6",
+            "# TYPE t histogram",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+        }
+        // The other histogram saw nothing.
+        let family = latency_family("u", "help", [&state].into_iter(), |s| &s.first_byte);
+        let mut text = Vec::new();
+        TextEncoder::new().encode(&[family], &mut text).unwrap();
+        assert!(String::from_utf8(text)
+            .unwrap()
+            .contains("u_count{project=\"\"} 0"));
+    }
+
+    #[test]
+    fn the_bounds_in_nanoseconds_are_the_bounds_in_seconds() {
+        for (nanos, seconds) in LATENCY_BOUNDS_NANOS.iter().zip(LATENCY_BUCKETS) {
+            assert_eq!(
+                Duration::from_nanos(*nanos),
+                Duration::from_secs_f64(seconds)
+            );
+        }
     }
 }

@@ -8,13 +8,12 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use chrono::Utc;
-use prometheus::Histogram;
 use tokio::sync::Notify;
 
 use crate::budget::Account;
 use crate::config::{Config, Project, RateLimitRule};
 use crate::maps::ConcurrentMap;
-use crate::metrics::Metrics;
+use crate::metrics::Latency;
 use crate::period::Period;
 use crate::ratelimit::RuleMeters;
 use crate::usage::Usage;
@@ -72,8 +71,8 @@ pub struct ProjectState {
     /// Requests charged at the fallback price because their model has none.
     pub unpriced: AtomicU64,
     pub in_flight: AtomicI64,
-    pub duration: Histogram,
-    pub first_byte: Histogram,
+    pub duration: Latency,
+    pub first_byte: Latency,
     /// Budget accounts of the credentials that have a budget of their own.
     pub credential_accounts: ConcurrentMap<Arc<str>, Arc<Account>>,
     /// Rate-limit meters by rule (pattern and limits), kept across reloads.
@@ -83,25 +82,25 @@ pub struct ProjectState {
 }
 
 impl ProjectState {
-    fn new(project: &Project, metrics: &Metrics, refill: Option<Arc<Notify>>) -> Self {
+    fn new(project: &Project, refill: Option<Arc<Notify>>) -> Self {
         let kind = project.budget.map_or(Period::Monthly, |b| b.period);
         let account = match refill {
             Some(refill) => Account::shared(kind, Utc::now(), refill),
             None => Account::new(kind, Utc::now()),
         };
-        Self::with_account(project.name.clone(), account, metrics)
+        Self::with_account(project.name.clone(), account)
     }
 
     /// The state that counts requests refused before a project was known (label `project=""`).
-    pub fn unauthenticated(metrics: &Metrics) -> Self {
+    pub fn unauthenticated() -> Self {
         let account = Account::new(Period::Total, Utc::now());
-        Self::with_account(Arc::from(""), account, metrics)
+        Self::with_account(Arc::from(""), account)
     }
 
-    fn with_account(name: Arc<str>, account: Account, metrics: &Metrics) -> Self {
+    fn with_account(name: Arc<str>, account: Account) -> Self {
         ProjectState {
-            duration: metrics.request_duration(&name),
-            first_byte: metrics.upstream_first_byte(&name),
+            duration: Latency::default(),
+            first_byte: Latency::default(),
             name,
             account: Arc::new(account),
             usage: ConcurrentMap::default(),
@@ -199,14 +198,14 @@ pub struct Projects {
 
 impl Projects {
     /// Makes sure every project of `config` has its state; existing state is kept as is.
-    pub fn sync(&self, config: &Config, metrics: &Metrics) {
+    pub fn sync(&self, config: &Config) {
         let shared = *self.shared.get_or_init(|| config.store.redis_url.is_some());
         for project in &config.projects {
             if !self.by_name.contains_key(&project.name) {
                 let refill = shared.then(|| self.refill.clone());
                 self.by_name
                     .entry(project.name.clone())
-                    .or_insert_with(|| Arc::new(ProjectState::new(project, metrics, refill)));
+                    .or_insert_with(|| Arc::new(ProjectState::new(project, refill)));
             }
         }
     }

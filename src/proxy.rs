@@ -98,7 +98,7 @@ fn reject(
     target.count_rejection(reason);
     let status = error.status();
     target.count_request(&live.other, status.as_u16());
-    target.duration.observe(started.elapsed().as_secs_f64());
+    target.duration.observe(started.elapsed());
     if status.is_server_error() {
         tracing::warn!(
             project = %target.name,
@@ -395,7 +395,7 @@ async fn forward(
         }
     };
     let first_byte = sent.elapsed();
-    project_state.first_byte.observe(first_byte.as_secs_f64());
+    project_state.first_byte.observe(first_byte);
     settlement.first_byte_ms = u64::try_from(first_byte.as_millis()).unwrap_or(u64::MAX);
 
     // 7. meter
@@ -978,7 +978,7 @@ impl Settlement {
         }
         self.to_ledger(label, &usage, micro_usd);
         let elapsed = self.started.elapsed();
-        self.state.duration.observe(elapsed.as_secs_f64());
+        self.state.duration.observe(elapsed);
         logging::request(&logging::RequestLine {
             project: &project.name,
             credential: &self.credential,

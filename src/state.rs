@@ -135,8 +135,8 @@ impl AppState {
         // Each proxy thread makes a client of its own (see `run`); one made here proves at
         // start that the TLS setup works.
         Upstream::new(&config.upstream)?;
-        let unauthenticated = ProjectState::unauthenticated(&metrics);
-        let live = resolve(config, &projects, &metrics);
+        let unauthenticated = ProjectState::unauthenticated();
+        let live = resolve(config, &projects);
         Ok(Arc::new(AppState {
             live: ArcSwap::from_pointee(live),
             projects,
@@ -152,7 +152,7 @@ impl AppState {
     /// Swaps in a new, already validated config. Counters and in-flight requests are kept;
     /// a request in flight keeps the config it started with.
     pub fn swap(&self, config: Config) {
-        let live = Arc::new(resolve(config, &self.projects, &self.metrics));
+        let live = Arc::new(resolve(config, &self.projects));
         self.live.store(live.clone());
         lock(&self.threads).retain(|thread| match thread.upgrade() {
             Some(thread) => {
@@ -164,8 +164,8 @@ impl AppState {
     }
 }
 
-fn resolve(config: Config, projects: &Projects, metrics: &Metrics) -> Live {
-    projects.sync(&config, metrics);
+fn resolve(config: Config, projects: &Projects) -> Live {
+    projects.sync(&config);
     let states = config
         .projects
         .iter()
