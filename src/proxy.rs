@@ -838,8 +838,8 @@ impl Settlement {
         let view = self.view.clone();
         if let Some((label, micro_usd)) = self.charge(&view, &usage, None) {
             if usage.total() > 0 {
-                self.add_usage(label, &usage, micro_usd, false);
-                self.to_ledger(label, &usage, micro_usd);
+                let slot = self.add_usage(label, &usage, micro_usd, false);
+                self.to_ledger(slot, label, &usage, micro_usd);
             }
         }
     }
@@ -857,6 +857,7 @@ impl Settlement {
                     label: label.clone(),
                     usage: self.state.cell(&self.credential, label),
                     answered: self.state.request_counter(label, StatusCode::OK.as_u16()),
+                    pending: arc_swap::ArcSwapOption::empty(),
                 });
                 slot.get()?
             }
@@ -885,17 +886,34 @@ impl Settlement {
         slot
     }
 
-    fn to_ledger(&self, model: &Arc<str>, usage: &Usage, micro_usd: u64) {
+    /// Adds to the ledger's pending usage of `model` on the day of admission: through the
+    /// cell the credential's usage slot keeps for `model` (`slot`, when it holds `model`'s
+    /// counters), which is made or renewed by a lookup when it is missing or of another day.
+    fn to_ledger(&self, slot: Option<&UsageSlot>, model: &Arc<str>, usage: &Usage, micro_usd: u64) {
+        let pending = &self.view.app.pending;
+        let delta = UsageDelta::request(usage, micro_usd);
         let key = KeyRef {
             project: &self.state.name,
             credential: &self.credential,
             model,
             day: self.admitted,
         };
-        self.view
-            .app
-            .pending
-            .add(key, &UsageDelta::request(usage, micro_usd));
+        let Some(slot) = slot else {
+            pending.add(key, &delta);
+            return;
+        };
+        if let Some(cell) = &*slot.pending.load() {
+            if cell.day() == self.admitted {
+                pending.add_to(cell, &delta);
+                return;
+            }
+        }
+        // The slot's first settle, or the first of a new day (or a request admitted before
+        // midnight settling after one that was admitted after it: the other day's cell then
+        // takes its turn in the slot, which is right either way).
+        let cell = pending.cell(key);
+        pending.add_to(&cell, &delta);
+        slot.pending.store(Some(cell));
     }
 
     /// Replaces the reservation with the charge for `usage`; returns the model label (of
@@ -971,12 +989,13 @@ impl Settlement {
             self.status
         };
         let ok = status == StatusCode::OK.as_u16();
-        match self.add_usage(label, &usage, micro_usd, ok) {
+        let slot = self.add_usage(label, &usage, micro_usd, ok);
+        match slot {
             // Relaxed: an independent monotonic counter, read only for metrics.
             Some(slot) if ok => _ = slot.answered.fetch_add(1, Ordering::Relaxed),
             _ => self.state.count_request(label, status),
         }
-        self.to_ledger(label, &usage, micro_usd);
+        self.to_ledger(slot, label, &usage, micro_usd);
         let elapsed = self.started.elapsed();
         self.state.duration.observe(elapsed);
         logging::request(&logging::RequestLine {

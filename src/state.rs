@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 use crate::config::{Config, CredentialRef};
 use crate::metrics::Metrics;
 use crate::projects::{ProjectState, Projects, UsageCell};
-use crate::store::{lock, Pending};
+use crate::store::{lock, Pending, PendingCell};
 use crate::upstream::Upstream;
 
 /// One config and the project state resolved for it.
@@ -103,6 +103,9 @@ pub struct UsageSlot {
     pub usage: Arc<UsageCell>,
     /// The project's requests of `label` answered 200.
     pub answered: Arc<AtomicU64>,
+    /// The pending ledger cell of the credential's `label` on the day it was last settled, so
+    /// that the next settle of that day adds to it without a lookup (empty until then).
+    pub pending: arc_swap::ArcSwapOption<PendingCell>,
 }
 
 impl Live {

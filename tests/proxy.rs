@@ -1003,7 +1003,10 @@ async fn usage_per_credential_and_model_is_kept_apart_and_across_a_reload() {
     // A reload starts with empty slots and must count on the same cells.
     let reloaded = proxy.reload(&config(&mock.base_url(), BIG_BUDGET)).await;
     assert_eq!(reloaded.status, StatusCode::OK, "{}", reloaded.text());
-    send(embed.clone(), "/v1/embeddings").await;
+    // The new slot keeps the embeddings model, and from the second request on its ledger cell.
+    for _ in 0..3 {
+        send(embed.clone(), "/v1/embeddings").await;
+    }
     send(chat("gpt-4o-mini"), "/v1/chat/completions").await;
     send(chat("gpt-4o-mini"), "/v1/chat/completions").await;
 
@@ -1022,7 +1025,7 @@ async fn usage_per_credential_and_model_is_kept_apart_and_across_a_reload() {
     };
     assert_eq!(rows.len(), 2, "{usage}");
     assert_eq!(requests("gpt-4o-mini"), [3], "{usage}");
-    assert_eq!(requests("text-embedding-3-small"), [4], "{usage}");
+    assert_eq!(requests("text-embedding-3-small"), [6], "{usage}");
     let reported = mock.reported();
     let input: u64 = rows
         .iter()
@@ -1032,8 +1035,43 @@ async fn usage_per_credential_and_model_is_kept_apart_and_across_a_reload() {
     let metrics = proxy.metrics().await;
     for line in [
         r#"tollgate_requests_total{project="alpha",model="gpt-4o-mini",code="200"} 3"#,
-        r#"tollgate_requests_total{project="alpha",model="text-embedding-3-small",code="200"} 4"#,
+        r#"tollgate_requests_total{project="alpha",model="text-embedding-3-small",code="200"} 6"#,
     ] {
         assert!(metrics.contains(line), "{line}\n{metrics}");
     }
+
+    // The ledger gets the same rows (within a few flush intervals): the pending cells a usage
+    // slot keeps add up with the ones found by lookup.
+    let read = || {
+        tollgate::store::Ledger::open_read_only(&proxy.ledger)
+            .and_then(|ledger| {
+                ledger.report(&tollgate::store::ReportQuery {
+                    by: vec![
+                        tollgate::store::Dimension::Project,
+                        tollgate::store::Dimension::Credential,
+                        tollgate::store::Dimension::Model,
+                    ],
+                    ..Default::default()
+                })
+            })
+            .unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut rows = read();
+    while rows.iter().map(|row| row.usage.requests).sum::<u64>() < 9 {
+        assert!(std::time::Instant::now() < deadline, "{rows:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        rows = read();
+    }
+    let ledger_requests = |prefix: &str| -> Vec<u64> {
+        rows.iter()
+            .filter(|row| row.model.as_deref().is_some_and(|m| m.starts_with(prefix)))
+            .map(|row| row.usage.requests)
+            .collect()
+    };
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(ledger_requests("gpt-4o-mini"), [3], "{rows:?}");
+    assert_eq!(ledger_requests("text-embedding-3-small"), [6], "{rows:?}");
+    let ledger_input: u64 = rows.iter().map(|row| row.usage.input_tokens).sum();
+    assert_eq!(ledger_input, reported.input_tokens, "{rows:?}");
 }

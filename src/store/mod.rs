@@ -331,32 +331,47 @@ impl DeltaCell {
     }
 
     fn is_zero(&self) -> bool {
-        // Relaxed is enough: it is called only under the map's shard write lock, which orders
-        // it after every add made under that shard's read lock.
+        // Relaxed: a hint for the sweep, which loses nothing when it is stale (see `Pending`).
         self.counters()
             .iter()
             .all(|c| c.load(Ordering::Relaxed) == 0)
     }
 }
 
+/// One key's pending usage, shared: by the map of [`Pending`], by the queue while it waits for a
+/// drain, and by whoever keeps it to add to it again (a credential's usage slot, see
+/// `state::UsageSlot`), so that the next add finds it without a lookup.
+#[derive(Debug)]
+pub struct PendingCell {
+    key: UsageKey,
+    delta: DeltaCell,
+}
+
+impl PendingCell {
+    /// The UTC day whose ledger row this cell adds to.
+    pub fn day(&self) -> NaiveDate {
+        self.key.day
+    }
+}
+
 /// Usage settled but not yet written to the ledger.
 ///
-/// The cells are `DashMap` values, not `Arc`s handed out: an add holds the shard's read lock
-/// (shared with every other add) only for its few atomic adds, and that is what lets a sweep
-/// remove an idle cell safely. A cell is removed under the shard's write lock, so no add can
-/// be between finding the cell and adding to it; an add that comes later misses and makes a
-/// new cell.
-///
 /// A drain visits only the cells that got usage since their last take: the first add after a
-/// take queues the cell's key (a lock-free channel send), and the drain takes the queued keys.
-/// So a drain costs what was settled since the last one, not the number of cells, which with
-/// many credentials and models is far larger (every cell stays until a sweep finds it idle, a
-/// day or two later).
+/// take queues the cell itself (a lock-free channel send of a reference), and the drain takes
+/// the queued cells. So a drain costs what was settled since the last one, not the number of
+/// cells, which with many credentials and models is far larger (every cell stays until a sweep
+/// finds it idle, a day or two later).
+///
+/// A cell with usage not yet taken is always in the queue (the add that made it non-zero
+/// queued it, or found it queued), and the drain takes it from there, not from the map. So a
+/// sweep may remove a cell that someone still adds to: those adds queue it again and are
+/// drained all the same, while a lookup after the removal makes a new cell for the key (two
+/// cells of one key are two entries of a batch, whose parts add up).
 #[derive(Debug)]
 pub struct Pending {
-    cells: ConcurrentMap<UsageKey, DeltaCell>,
-    /// Where adds queue the keys of cells that got usage since their last take.
-    queue: mpsc::Sender<UsageKey>,
+    cells: ConcurrentMap<UsageKey, Arc<PendingCell>>,
+    /// Where adds queue the cells that got usage since their last take.
+    queue: mpsc::Sender<Arc<PendingCell>>,
     /// What drains keep, one drain at a time (off the request path).
     drains: Mutex<Drains>,
 }
@@ -364,7 +379,7 @@ pub struct Pending {
 #[derive(Debug)]
 struct Drains {
     /// The other end of `Pending::queue`.
-    queued: mpsc::Receiver<UsageKey>,
+    queued: mpsc::Receiver<Arc<PendingCell>>,
     /// The day of the last sweep for idle cells.
     swept: Option<NaiveDate>,
 }
@@ -388,23 +403,45 @@ impl Pending {
         Pending::default()
     }
 
-    /// Adds `delta` to `key`'s pending usage. The hot path: a `get` by the borrowed key (no
-    /// allocation, no reference count), atomic adds, and an `entry` (which clones the key's
-    /// names) only the first time a key is seen; the first add after a take also clones them
-    /// into the queue.
+    /// Adds `delta` to `key`'s pending usage: a `get` by the borrowed key (no allocation, no
+    /// reference count), atomic adds, and an `entry` (which clones the key's names) only the
+    /// first time a key is seen.
     pub fn add(&self, key: KeyRef<'_>, delta: &UsageDelta) {
-        let queue = match self.cells.get(&key as &dyn KeyParts) {
-            Some(cell) => cell.add(delta),
-            None => self.cells.entry(key.to_owned()).or_default().add(delta),
-        };
-        if queue {
-            // Fails only if the receiver is gone, and `self` holds it.
-            let _ = self.queue.send(key.to_owned());
+        match self.cells.get(&key as &dyn KeyParts) {
+            Some(cell) => self.add_to(&cell, delta),
+            None => self.add_to(&self.cell(key), delta),
         }
     }
 
-    /// Takes all pending usage, one entry per queued key with a non-zero delta (a key queued
-    /// again while the drain runs may have a second entry: the parts add up), and, once a day,
+    /// `key`'s cell, made if new: for a caller that keeps it and adds to it with
+    /// [`Self::add_to`].
+    pub fn cell(&self, key: KeyRef<'_>) -> Arc<PendingCell> {
+        if let Some(cell) = self.cells.get(&key as &dyn KeyParts) {
+            return cell.clone();
+        }
+        self.cells
+            .entry(key.to_owned())
+            .or_insert_with(|| {
+                Arc::new(PendingCell {
+                    key: key.to_owned(),
+                    delta: DeltaCell::default(),
+                })
+            })
+            .clone()
+    }
+
+    /// Adds `delta` to `cell` (one of this `Pending`'s), queueing it if it was not: atomic adds
+    /// and, the first time after a take, a reference count and a channel send.
+    pub fn add_to(&self, cell: &Arc<PendingCell>, delta: &UsageDelta) {
+        if cell.delta.add(delta) {
+            // Fails only if the receiver is gone, and `self` holds it.
+            let _ = self.queue.send(cell.clone());
+        }
+    }
+
+    /// Takes all pending usage, one entry per queued cell with a non-zero delta (a cell queued
+    /// again while the drain runs, or two cells of one key, give a key a second entry: the parts
+    /// add up), and, once a day,
     /// forgets the idle cells of days before yesterday (requests admitted yesterday may still
     /// be settling).
     pub fn drain(&self) -> Vec<(UsageKey, UsageDelta)> {
@@ -413,20 +450,15 @@ impl Pending {
 
     /// [`Self::drain`] on `today`, sweeping if it is the first drain of the day or `sweep`.
     ///
-    /// The queue is taken until it is empty: a key queued again meanwhile (an add after its
+    /// The queue is taken until it is empty: a cell queued again meanwhile (an add after its
     /// take) is taken again, and adds come far slower than takes go, so it ends.
     fn drain_at(&self, today: NaiveDate, sweep: bool) -> Vec<(UsageKey, UsageDelta)> {
         let mut drains = lock(&self.drains);
         let mut batch = Vec::new();
-        for key in drains.queued.try_iter() {
-            // A key whose cell a sweep removed had nothing pending (it was removed idle).
-            let Some(cell) = self.cells.get(&key) else {
-                continue;
-            };
-            let delta = cell.take();
-            drop(cell);
+        for cell in drains.queued.try_iter() {
+            let delta = cell.delta.take();
             if !delta.is_zero() {
-                batch.push((key, delta));
+                batch.push((cell.key.clone(), delta));
             }
         }
         if sweep || drains.swept != Some(today) {
@@ -447,8 +479,9 @@ impl Pending {
             .collect();
         // The iterator's read locks are released: removing while iterating would deadlock.
         for key in old {
-            // Checked under the write lock: a cell with usage not yet taken stays.
-            self.cells.remove_if(&key, |_, cell| cell.is_zero());
+            // A cell with usage not yet taken stays (it would be drained from the queue all
+            // the same; kept, its key is not made anew).
+            self.cells.remove_if(&key, |_, cell| cell.delta.is_zero());
         }
     }
 
@@ -636,8 +669,33 @@ mod tests {
         assert_eq!(drain_on(&pending, day("2026-11-26")), vec![(old, delta(9))]);
     }
 
+    #[test]
+    fn adds_to_a_kept_cell_are_drained_after_a_sweep_removed_it() {
+        let pending = Pending::new();
+        let old = key("p", "m", "2026-11-24");
+        let kept = pending.cell(old.parts());
+        assert!(drain_on(&pending, day("2026-11-26")).is_empty());
+        assert_eq!(pending.keys(), 0, "the idle cell is out of the map");
+        pending.add_to(&kept, &delta(5));
+        assert_eq!(
+            drain_on(&pending, day("2026-11-26")),
+            vec![(old.clone(), delta(5))]
+        );
+        // A lookup now makes a second cell of the key; both are drained, and add up.
+        pending.add(old.parts(), &delta(3));
+        pending.add_to(&kept, &delta(2));
+        let batch = drain_on(&pending, day("2026-11-26"));
+        assert_eq!(batch.len(), 2);
+        assert!(batch.iter().all(|(k, _)| *k == old));
+        let mut expected = delta(3);
+        expected.add(&delta(2));
+        assert_eq!(total(&[batch]), expected);
+    }
+
     /// Adders race a drainer: every increment is taken exactly once, whether it lands in a
-    /// cell before or after a swap, and whether the drainer is removing cells meanwhile.
+    /// cell before or after a swap, and whether the drainer is removing cells meanwhile. Half
+    /// the adders look the cell up each time, half keep the cell they first got (as a usage
+    /// slot does) and add to it even after a sweep removed it from the map.
     fn concurrent_adds_are_drained_exactly_once(today: NaiveDate) {
         const THREADS: u64 = 4;
         const ADDS: u64 = 20_000;
@@ -651,9 +709,15 @@ mod tests {
             for t in 0..THREADS {
                 let (pending, keys, done) = (&pending, &keys, &done);
                 s.spawn(move || {
+                    let kept: Vec<Arc<PendingCell>> =
+                        keys.iter().map(|k| pending.cell(k.parts())).collect();
                     for i in 0..ADDS {
-                        let k = &keys[((t + i) % keys.len() as u64) as usize];
-                        pending.add(k.parts(), &delta(i % 97 + 1));
+                        let at = ((t + i) % keys.len() as u64) as usize;
+                        if t % 2 == 0 {
+                            pending.add(keys[at].parts(), &delta(i % 97 + 1));
+                        } else {
+                            pending.add_to(&kept[at], &delta(i % 97 + 1));
+                        }
                     }
                     done.fetch_add(1, Ordering::Release);
                 });
