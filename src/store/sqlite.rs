@@ -326,17 +326,8 @@ impl Ledger {
         if batch.is_empty() {
             return Ok(());
         }
-        let path = &self.path;
-        let write_err = |source| StoreError::Write {
-            path: path.clone(),
-            source,
-        };
-        // IMMEDIATE: take the write lock up front rather than fail to upgrade a read lock
-        // midway if another connection writes.
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(write_err)?;
+        let write_err = write_error(&self.path);
+        let tx = begin_write(&mut self.conn, &self.path)?;
         {
             let mut append = tx.prepare_cached(APPEND).map_err(write_err)?;
             // A batch is mostly one day: formatted again only when a row's day differs from the
@@ -375,15 +366,8 @@ impl Ledger {
         if self.logged == 0 {
             return Ok(());
         }
-        let path = &self.path;
-        let write_err = |source| StoreError::Write {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(write_err)?;
+        let write_err = write_error(&self.path);
+        let tx = begin_write(&mut self.conn, &self.path)?;
         if self.unfolded.is_empty() {
             // A log this process did not write (the last run's): summed by SQLite.
             tx.prepare_cached(FOLD)
@@ -539,6 +523,24 @@ impl Ledger {
             what: "day",
             value: text.to_owned(),
         })
+    }
+}
+
+/// Starts a write to the ledger at `path`. IMMEDIATE: the write lock is taken up front rather
+/// than a read lock failing to upgrade midway when another connection writes.
+fn begin_write<'c>(
+    conn: &'c mut Connection,
+    path: &Path,
+) -> Result<rusqlite::Transaction<'c>, StoreError> {
+    conn.transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(write_error(path))
+}
+
+/// A failed write to the ledger at `path`.
+fn write_error(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + Copy + '_ {
+    move |source| StoreError::Write {
+        path: path.to_path_buf(),
+        source,
     }
 }
 
