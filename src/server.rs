@@ -7,8 +7,8 @@
 //! one request becomes a 500 for that request and never takes the process down. Every
 //! connection is under a timer at every phase: the TLS handshake and the first request head
 //! (`header_read_timeout`), later heads on a kept-alive connection (the same, see [`drive`]),
-//! idle keep-alive (`keepalive_idle_timeout`: hyper's header timer for HTTP/1.1, [`drive`]'s for
-//! HTTP/2); bodies have theirs in `proxy` and `body`.
+//! idle keep-alive (`keepalive_idle_timeout`, the same); bodies have theirs in `proxy` and
+//! `body`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -96,9 +96,9 @@ pub async fn serve<H, F>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        // hyper's header timer runs from the moment a connection waits for a request head, so
-        // on a kept-alive connection it is the idle timeout; `drive` times the heads themselves.
-        .header_read_timeout(server.keepalive_idle_timeout)
+        // `drive` times the heads and the idle keep-alive itself, at ticks it has anyway:
+        // hyper's header timer would arm and cancel a timer for every request.
+        .header_read_timeout(None)
         .max_buf_size(64 * 1024)
         .keep_alive(true);
     builder
@@ -231,6 +231,9 @@ struct Activity {
     /// a client has begun the next request head.
     reads_when_idle: AtomicU64,
     served: AtomicBool,
+    /// Requests handed to the handler: an idle stretch seen at two ticks is one stretch only if
+    /// this did not change in between.
+    requests: AtomicU64,
     /// The connection opened with the HTTP/2 preface: its reads include pings and window
     /// updates, so they say nothing about a request head.
     http2: AtomicBool,
@@ -239,6 +242,7 @@ struct Activity {
 impl Activity {
     fn request_started(&self) {
         self.served.store(true, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -248,9 +252,12 @@ impl Activity {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// An HTTP/2 connection with no request in flight.
-    fn idle_http2(&self) -> bool {
-        self.http2.load(Ordering::Relaxed) && self.in_flight.load(Ordering::Relaxed) == 0
+    /// No request in flight and, on HTTP/1.1, none begun (on HTTP/2 reads include pings).
+    fn idle(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
+            && (self.http2.load(Ordering::Relaxed)
+                || self.reads.load(Ordering::Relaxed)
+                    == self.reads_when_idle.load(Ordering::Relaxed))
     }
 
     fn head_begun(&self) -> bool {
@@ -270,16 +277,17 @@ struct Timers {
 /// Drives a connection to its end with the timers hyper does not have; `None` when it was cut.
 /// `close` asks the connection to finish what it serves and close (hyper's graceful shutdown:
 /// an HTTP/2 GOAWAY, or the end of keep-alive); it is called once, when `closing` turns true or
-/// an HTTP/2 connection has been idle long enough.
+/// the connection has been idle long enough.
 ///
 /// - The first request's head must arrive within `timers.header` of the connection (after the
 ///   TLS handshake): a silent or dripping client is cut.
 /// - On a kept-alive HTTP/1.1 connection, a request head begun after a response must be
 ///   complete within `timers.header` too: checked every `timers.header / 2`, so it is cut
 ///   between 1 and 1.5 times `timers.header` after its first byte.
-/// - An idle kept-alive HTTP/1.1 connection is closed by hyper after `timers.idle`; an HTTP/2
-///   connection with no request in flight for `timers.idle` (checked at the same ticks) is
-///   closed here, gracefully, since hyper's pings would keep it open forever.
+/// - A connection idle for `timers.idle` (checked at the same ticks: no request in flight and,
+///   on HTTP/1.1, none begun) is closed gracefully. hyper has no idle timer of its own for
+///   HTTP/2 (its pings would keep a connection open forever), and its HTTP/1.1 header timer is
+///   off (see [`serve`]).
 async fn drive<C: Future>(
     connection: C,
     close: impl Fn(Pin<&mut C>),
@@ -306,7 +314,8 @@ async fn drive<C: Future>(
     }
     let tick = (timers.header / 2).max(Duration::from_millis(5));
     let mut head_seen: Option<tokio::time::Instant> = None;
-    let mut idle_since: Option<tokio::time::Instant> = None;
+    // Since when the connection has been idle, and its request count then.
+    let mut idle_since: Option<(tokio::time::Instant, u64)> = None;
     loop {
         tokio::select! {
             ended = &mut connection => return Some(ended),
@@ -325,11 +334,17 @@ async fn drive<C: Future>(
         } else {
             head_seen = None;
         }
-        if activity.idle_http2() {
-            let since = *idle_since.get_or_insert_with(tokio::time::Instant::now);
-            if since.elapsed() >= timers.idle && !closed {
-                close(connection.as_mut());
-                closed = true;
+        if activity.idle() {
+            let requests = activity.requests.load(Ordering::Relaxed);
+            match idle_since {
+                Some((since, seen)) if seen == requests => {
+                    if since.elapsed() >= timers.idle && !closed {
+                        close(connection.as_mut());
+                        closed = true;
+                    }
+                }
+                // First seen idle, or a request came and went between two ticks.
+                _ => idle_since = Some((tokio::time::Instant::now(), requests)),
             }
         } else {
             idle_since = None;
