@@ -230,9 +230,8 @@ struct Activity {
     /// `reads` when the last response finished: more since, and no request in flight, means
     /// a client has begun the next request head.
     reads_when_idle: AtomicU64,
-    served: AtomicBool,
-    /// Requests handed to the handler: an idle stretch seen at two ticks is one stretch only if
-    /// this did not change in between.
+    /// Requests handed to the handler: none yet means the first head has not come; an idle
+    /// stretch seen at two ticks is one stretch only if this did not change in between.
     requests: AtomicU64,
     /// The connection opened with the HTTP/2 preface: its reads include pings and window
     /// updates, so they say nothing about a request head.
@@ -241,7 +240,6 @@ struct Activity {
 
 impl Activity {
     fn request_started(&self) {
-        self.served.store(true, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
     }
@@ -309,7 +307,7 @@ async fn drive<C: Future>(
             }
         }
     }
-    if !activity.served.load(Ordering::Relaxed) {
+    if activity.requests.load(Ordering::Relaxed) == 0 {
         return None;
     }
     let tick = (timers.header / 2).max(Duration::from_millis(5));

@@ -85,33 +85,42 @@ INSERT INTO usage_log (project, credential, model, day, requests, input_tokens,
                        cached_input_tokens, output_tokens, reasoning_tokens, micro_usd)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 
-const UPSERT: &str = "
-INSERT INTO usage (project, credential, model, day, requests, input_tokens,
-                   cached_input_tokens, output_tokens, reasoning_tokens, micro_usd)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-ON CONFLICT (project, credential, model, day) DO UPDATE SET
+/// The head of an insert into `usage`, its columns in `UsageDelta` order after the key's.
+macro_rules! into_usage {
+    () => {
+        "INSERT INTO usage (project, credential, model, day, requests, input_tokens,
+                   cached_input_tokens, output_tokens, reasoning_tokens, micro_usd)"
+    };
+}
+
+/// The tail of an insert into `usage`: a key that has its row adds to it.
+macro_rules! add_to_row {
+    () => {
+        "ON CONFLICT (project, credential, model, day) DO UPDATE SET
     requests            = requests            + excluded.requests,
     input_tokens        = input_tokens        + excluded.input_tokens,
     cached_input_tokens = cached_input_tokens + excluded.cached_input_tokens,
     output_tokens       = output_tokens       + excluded.output_tokens,
     reasoning_tokens    = reasoning_tokens    + excluded.reasoning_tokens,
-    micro_usd           = micro_usd           + excluded.micro_usd";
+    micro_usd           = micro_usd           + excluded.micro_usd"
+    };
+}
+
+const UPSERT: &str = concat!(
+    into_usage!(),
+    "\nVALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)\n",
+    add_to_row!()
+);
 
 /// Adds the log's sums to `usage`, one row per key (`WHERE true`: SQLite's way to keep an
 /// upsert's `ON` apart from the `SELECT`).
-const FOLD: &str = "
-INSERT INTO usage (project, credential, model, day, requests, input_tokens,
-                   cached_input_tokens, output_tokens, reasoning_tokens, micro_usd)
-SELECT project, credential, model, day, SUM(requests), SUM(input_tokens),
+const FOLD: &str = concat!(
+    into_usage!(),
+    "\nSELECT project, credential, model, day, SUM(requests), SUM(input_tokens),
        SUM(cached_input_tokens), SUM(output_tokens), SUM(reasoning_tokens), SUM(micro_usd)
-FROM usage_log WHERE true GROUP BY project, credential, model, day
-ON CONFLICT (project, credential, model, day) DO UPDATE SET
-    requests            = requests            + excluded.requests,
-    input_tokens        = input_tokens        + excluded.input_tokens,
-    cached_input_tokens = cached_input_tokens + excluded.cached_input_tokens,
-    output_tokens       = output_tokens       + excluded.output_tokens,
-    reasoning_tokens    = reasoning_tokens    + excluded.reasoning_tokens,
-    micro_usd           = micro_usd           + excluded.micro_usd";
+FROM usage_log WHERE true GROUP BY project, credential, model, day\n",
+    add_to_row!()
+);
 
 /// The sums every read returns, in `UsageDelta` order.
 const SUMS: &str = "COALESCE(SUM(requests), 0), COALESCE(SUM(input_tokens), 0), \
