@@ -339,15 +339,9 @@ impl Ledger {
         let tx = begin_write(&mut self.conn, &self.path)?;
         {
             let mut append = tx.prepare_cached(APPEND).map_err(write_err)?;
-            // A batch is mostly one day: formatted again only when a row's day differs from the
-            // previous row's, not for every row.
-            let mut day: Option<(NaiveDate, String)> = None;
+            let mut day = DayText::default();
             for (key, delta) in batch {
-                let text = match &day {
-                    Some((date, text)) if *date == key.day => text,
-                    _ => &day.insert((key.day, day_text(key.day))).1,
-                };
-                add_row(&mut append, key, text, delta).map_err(write_err)?;
+                add_row(&mut append, key, day.of(key.day), delta).map_err(write_err)?;
             }
         }
         tx.commit().map_err(write_err)?;
@@ -386,8 +380,9 @@ impl Ledger {
             // The log is exactly what this process wrote since the last fold: its sums are at
             // hand, one upsert per key.
             let mut upsert = tx.prepare_cached(UPSERT).map_err(write_err)?;
+            let mut day = DayText::default();
             for (key, delta) in &self.unfolded {
-                add_row(&mut upsert, key, &day_text(key.day), delta).map_err(write_err)?;
+                add_row(&mut upsert, key, day.of(key.day), delta).map_err(write_err)?;
             }
         }
         tx.prepare_cached("DELETE FROM usage_log")
@@ -646,6 +641,21 @@ fn sums(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<[i64; 6]> {
 
 fn day_text(day: NaiveDate) -> String {
     day.format(DAY_FORMAT).to_string()
+}
+
+/// The text of the last day asked for: the rows of a write or a fold are mostly one day, so a
+/// day is formatted again only when a row's differs from the row before.
+#[derive(Default)]
+struct DayText(Option<(NaiveDate, String)>);
+
+impl DayText {
+    fn of(&mut self, day: NaiveDate) -> &str {
+        let (date, text) = self.0.get_or_insert_with(|| (day, day_text(day)));
+        if *date != day {
+            (*date, *text) = (day, day_text(day));
+        }
+        text
+    }
 }
 
 /// A count as a SQLite integer. 2^63 tokens or micro-dollars cannot happen; saturating keeps
