@@ -107,10 +107,6 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
-        Metrics::default()
-    }
-
     /// Counts a failed sync with Redis.
     pub fn count_store_error_redis(&self) {
         // Relaxed: a statistic, read on its own.

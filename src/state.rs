@@ -133,7 +133,7 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(config: Config) -> Result<Arc<Self>, crate::upstream::UpstreamError> {
-        let metrics = Metrics::new();
+        let metrics = Metrics::default();
         let projects = Projects::default();
         // Each proxy thread makes a client of its own (see `run`); one made here proves at
         // start that the TLS setup works.
