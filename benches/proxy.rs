@@ -794,6 +794,10 @@ struct Ticks {
     /// The time of tollgate's ledger thread (user and system), which writes settled usage to
     /// SQLite off the request path.
     ledger: u64,
+    /// Context switches of all the tree's threads: waits for work (voluntary) and preemptions
+    /// by another process (involuntary). Not ticks, but read and differenced with them.
+    voluntary: u64,
+    involuntary: u64,
 }
 
 impl Ticks {
@@ -802,6 +806,8 @@ impl Ticks {
             all: self.all.saturating_sub(before.all),
             user: self.user.saturating_sub(before.user),
             ledger: self.ledger.saturating_sub(before.ledger),
+            voluntary: self.voluntary.saturating_sub(before.voluntary),
+            involuntary: self.involuntary.saturating_sub(before.involuntary),
         }
     }
 }
@@ -814,8 +820,36 @@ fn tree_ticks(root: u32) -> Ticks {
             ticks.user += stat.user;
         }
         ticks.ledger += thread_ticks(pid, LEDGER_THREAD);
+        let (voluntary, involuntary) = context_switches(pid);
+        ticks.voluntary += voluntary;
+        ticks.involuntary += involuntary;
     }
     ticks
+}
+
+/// Voluntary and involuntary context switches of all the threads of `pid` (each thread's
+/// `/proc/PID/task/TID/status`; a thread that ended between two reads takes its count along,
+/// which tollgate's and the pass-through's fixed threads do not).
+fn context_switches(pid: u32) -> (u64, u64) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return (0, 0);
+    };
+    let mut switches = (0, 0);
+    for task in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let count = |field: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(field))
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        switches.0 += count("voluntary_ctxt_switches:");
+        switches.1 += count("nonvoluntary_ctxt_switches:");
+    }
+    switches
 }
 
 /// The name tollgate gives its ledger thread (`/proc/PID/task/TID/comm`).
@@ -1555,6 +1589,10 @@ struct PhaseResult {
     user_us_per_req: Option<f64>,
     /// The part of `cpu_us_per_req` spent by tollgate's ledger thread.
     ledger_us_per_req: Option<f64>,
+    /// The proxy's threads' context switches per request: waits for work, and preemptions by
+    /// the other processes on the machine's cores (the client, the mock).
+    voluntary_switches_per_req: Option<f64>,
+    involuntary_switches_per_req: Option<f64>,
     cpu_us_per_chunk: Option<f64>,
     mock_cpu_us_per_req: Option<f64>,
     client_cpu_us_per_req: Option<f64>,
@@ -1609,6 +1647,10 @@ impl Bench {
         let ledger_us_per_req = proxy
             .filter(|_| target.name == "tollgate")
             .and_then(|t| per_request(t.ledger));
+        let switches_per_request =
+            |count: u64| (stats.ok > 0).then(|| count as f64 / stats.ok as f64);
+        let voluntary_switches_per_req = proxy.and_then(|t| switches_per_request(t.voluntary));
+        let involuntary_switches_per_req = proxy.and_then(|t| switches_per_request(t.involuntary));
         let mock_cpu_us_per_req = per_request(tree_ticks(self.mock_pid).since(mock_before).all);
         let client_cpu_us_per_req = per_request(
             proc_stat(std::process::id())
@@ -1646,6 +1688,8 @@ impl Bench {
             cpu_us_per_req,
             user_us_per_req,
             ledger_us_per_req,
+            voluntary_switches_per_req,
+            involuntary_switches_per_req,
             cpu_us_per_chunk: if spec.stream {
                 cpu_us_per_req.map(|c| c / SSE_CHUNKS as f64)
             } else {
@@ -2145,6 +2189,8 @@ fn result_json(r: &PhaseResult) -> Value {
         "cpu_us_per_req": r.cpu_us_per_req,
         "user_us_per_req": r.user_us_per_req,
         "ledger_us_per_req": r.ledger_us_per_req,
+        "voluntary_switches_per_req": r.voluntary_switches_per_req,
+        "involuntary_switches_per_req": r.involuntary_switches_per_req,
         "cpu_us_per_chunk": r.cpu_us_per_chunk,
         "mock_cpu_us_per_req": r.mock_cpu_us_per_req,
         "client_cpu_us_per_req": r.client_cpu_us_per_req,
@@ -2227,7 +2273,7 @@ fn render_table(
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "\n{:<12} {:<15} {:>5} {:>9} {:>8} {:>8} {:>9} {:>7} {:>7} {:>10} {:>8} {:>6}",
+        "\n{:<12} {:<15} {:>5} {:>9} {:>8} {:>8} {:>9} {:>7} {:>7} {:>7} {:>10} {:>8} {:>6}",
         "target",
         "phase",
         "conns",
@@ -2237,15 +2283,16 @@ fn render_table(
         "CPU µs/req",
         "user",
         "ledger",
+        "preempt",
         "µs/chunk",
         "RSS MiB",
         "errors"
     );
-    let _ = writeln!(t, "{}", "-".repeat(117));
+    let _ = writeln!(t, "{}", "-".repeat(125));
     for r in results {
         let _ = writeln!(
             t,
-            "{:<12} {:<15} {:>5} {:>9.0} {:>8} {:>8} {:>10} {:>7} {:>7} {:>10} {:>8} {:>6}",
+            "{:<12} {:<15} {:>5} {:>9.0} {:>8} {:>8} {:>10} {:>7} {:>7} {:>7} {:>10} {:>8} {:>6}",
             r.target,
             r.phase,
             r.connections,
@@ -2255,6 +2302,7 @@ fn render_table(
             num(r.cpu_us_per_req, 1),
             num(r.user_us_per_req, 1),
             num(r.ledger_us_per_req, 1),
+            num(r.involuntary_switches_per_req, 2),
             num(r.cpu_us_per_chunk, 2),
             num(r.peak_rss_mib, 1),
             r.errors,
@@ -2268,7 +2316,8 @@ fn render_table(
         "\nstream rows: p50/p99 are the time to the first body byte; µs/chunk = CPU per request / {SSE_CHUNKS}.\n\
          CPU and RSS (peak, VmHWM) are the proxy's process tree (nginx: master + workers, summed); `user` is its\n\
          user-space part (the rest is the kernel's: sockets, epoll), `ledger` the part spent by tollgate's ledger\n\
-         thread; `direct` is the load generator straight to the mock (no proxy), the ceiling of this machine."
+         thread, `preempt` its threads' involuntary context switches per request (preempted by the client or the\n\
+         mock on the shared cores; voluntary ones are in the JSON); `direct` is the load generator straight to the mock (no proxy), the ceiling of this machine."
     );
     for r in results.iter().filter(|r| r.stream && r.requests > 0) {
         if (r.bytes_per_response - expected_stream_bytes as f64).abs() > 0.5 {
