@@ -831,12 +831,9 @@ fn tree_ticks(root: u32) -> Ticks {
 /// `/proc/PID/task/TID/status`; a thread that ended between two reads takes its count along,
 /// which tollgate's and the pass-through's fixed threads do not).
 fn context_switches(pid: u32) -> (u64, u64) {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return (0, 0);
-    };
     let mut switches = (0, 0);
-    for task in tasks.flatten() {
-        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+    for task in tasks(pid) {
+        let Ok(status) = std::fs::read_to_string(task.join("status")) else {
             continue;
         };
         let count = |field: &str| -> u64 {
@@ -852,21 +849,24 @@ fn context_switches(pid: u32) -> (u64, u64) {
     switches
 }
 
+/// The directories of the threads of `pid` (`/proc/PID/task/TID`).
+fn tasks(pid: u32) -> Vec<PathBuf> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|dir| dir.flatten().map(|task| task.path()).collect())
+        .unwrap_or_default()
+}
+
 /// The name tollgate gives its ledger thread (`/proc/PID/task/TID/comm`).
 const LEDGER_THREAD: &str = "tollgate-ledger";
 
 /// CPU time of the threads of `pid` named `name`, in clock ticks.
 fn thread_ticks(pid: u32, name: &str) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .flatten()
+    tasks(pid)
+        .into_iter()
         .filter(|task| {
-            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.trim() == name)
+            std::fs::read_to_string(task.join("comm")).is_ok_and(|comm| comm.trim() == name)
         })
-        .filter_map(|task| task.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|tid| proc_stat_at(&format!("/proc/{pid}/task/{tid}/stat")))
+        .filter_map(|task| proc_stat_at(task.join("stat").to_str()?))
         .map(|s| s.ticks)
         .sum()
 }
